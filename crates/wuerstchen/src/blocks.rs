@@ -1,0 +1,287 @@
+//! Building blocks shared by the stages (diffusers' `modeling_wuerstchen_common.py`)
+//! and the few tensor helpers they all need.
+//!
+//! Everything here is written with differentiable candle ops (no fused softmax or
+//! layer norm, which have no backward in candle 0.11) so training reuses it unchanged.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+/// Layer norm over the last dimension, statistics in f32 whatever the input dtype.
+pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    match affine {
+        Some((w, b)) => y.broadcast_mul(w)?.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `WuerstchenLayerNorm(elementwise_affine=False, eps=1e-6)`: layer norm over the
+/// channels of an NCHW tensor.
+pub fn channel_layer_norm(x: &Tensor) -> Result<Tensor> {
+    // (B, C, H, W) -> (B, H, W, C) -> norm -> (B, C, H, W)
+    layer_norm(&x.permute((0, 2, 3, 1))?, None, 1e-6)?.permute((0, 3, 1, 2))
+}
+
+/// (B, C, H, W) -> (B, H*W, C), contiguous.
+pub fn to_tokens(x: &Tensor) -> Result<Tensor> {
+    x.flatten_from(2)?.transpose(1, 2)?.contiguous()
+}
+
+/// (B, H*W, C) -> (B, C, H, W).
+pub fn from_tokens(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (b, _, c) = x.dims3()?;
+    x.transpose(1, 2)?.reshape((b, c, h, w))
+}
+
+/// Numerically stable softmax over the last dimension from differentiable ops.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `nn.Conv2d` with padding and stride; `groups = channels` gives a depthwise conv.
+pub fn conv2d(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    if bias {
+        candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)
+    } else {
+        candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)
+    }
+}
+
+pub fn conv1x1(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> {
+    conv2d(c_in, c_out, 1, Default::default(), true, vb)
+}
+
+/// A depthwise conv with `same` zero padding, as the ResBlocks use.
+pub fn depthwise(c_in: usize, c_out: usize, kernel: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: kernel / 2,
+        groups: c_out,
+        ..Default::default()
+    };
+    conv2d(c_in, c_out, kernel, cfg, true, vb)
+}
+
+/// The sinusoidal embedding of the noise level `r` in [0, 1], `gen_r_embedding`.
+///
+/// Computed in f32 in the same order as diffusers: at r = 1 the first arguments are
+/// about 1e4, where one f32 ulp already moves sin by 5e-4, so both the order and the
+/// rounding of each product matter for parity.
+pub fn r_embedding(r: &Tensor, c_r: usize) -> Result<Tensor> {
+    let max_positions = 10000f64;
+    let half = c_r / 2;
+    let step = (max_positions.ln() / (half as f64 - 1.0)) as f32;
+    // exp in f64 then rounded: the correctly rounded f32, which is what torch returns.
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((i as f32 * -step) as f64).exp() as f32)
+        .collect();
+    let r32 = r.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let b = r32.len();
+    let mut out = vec![0f32; b * c_r];
+    for (bi, &rv) in r32.iter().enumerate() {
+        let scaled = rv * max_positions as f32;
+        let row = &mut out[bi * c_r..(bi + 1) * c_r];
+        for (i, &f) in freqs.iter().enumerate() {
+            let arg = scaled * f;
+            row[i] = (arg as f64).sin() as f32;
+            row[half + i] = (arg as f64).cos() as f32;
+        }
+        // odd c_r: the last column stays zero, as diffusers pads it
+    }
+    Tensor::from_vec(out, (b, c_r), r.device())?.to_dtype(r.dtype())
+}
+
+/// `TimestepBlock`: FiLM modulation by the r embedding.
+#[derive(Debug, Clone)]
+pub struct TimestepBlock {
+    mapper: Linear,
+}
+
+impl TimestepBlock {
+    pub fn new(c: usize, c_r: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            mapper: candle_nn::linear(c_r, c * 2, vb.pp("mapper"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, r_embed: &Tensor) -> Result<Tensor> {
+        // (B, 2C) -> two (B, C, 1, 1)
+        let ab = self.mapper.forward(r_embed)?.unsqueeze(2)?.unsqueeze(3)?;
+        let c = ab.dim(1)? / 2;
+        let a = ab.narrow(1, 0, c)?;
+        let b = ab.narrow(1, c, c)?;
+        x.broadcast_mul(&(a + 1.0)?)?.broadcast_add(&b)
+    }
+}
+
+/// `GlobalResponseNorm` (ConvNeXt-V2), here on tokens (B, N, C): the L2 norm over the
+/// spatial positions, divided by its mean over channels.
+#[derive(Debug, Clone)]
+pub struct GlobalResponseNorm {
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl GlobalResponseNorm {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gamma: vb.get((1, 1, 1, dim), "gamma")?,
+            beta: vb.get((1, 1, 1, dim), "beta")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = x.dim(D::Minus1)?;
+        let agg = x.sqr()?.sum_keepdim(1)?.sqrt()?; // (B, 1, C)
+        let stand = agg.broadcast_div(&(agg.mean_keepdim(D::Minus1)? + 1e-6)?)?;
+        let gamma = self.gamma.reshape((1, 1, c))?;
+        let beta = self.beta.reshape((1, 1, c))?;
+        x.broadcast_mul(&stand)?
+            .broadcast_mul(&gamma)?
+            .broadcast_add(&beta)?
+            .add(x)
+    }
+}
+
+/// The `channelwise` MLP of both ResBlock flavours: Linear, GELU, GRN, Dropout, Linear
+/// (so its checkpoint indices are 0, 2 and 4).
+#[derive(Debug, Clone)]
+pub struct ChannelMlp {
+    fc1: Linear,
+    grn: GlobalResponseNorm,
+    fc2: Linear,
+}
+
+impl ChannelMlp {
+    pub fn new(c_in: usize, c_hidden: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: candle_nn::linear(c_in, c_hidden, vb.pp("0"))?,
+            grn: GlobalResponseNorm::new(c_hidden, vb.pp("2"))?,
+            fc2: candle_nn::linear(c_hidden, c_out, vb.pp("4"))?,
+        })
+    }
+
+    /// tokens (B, N, C_in) -> (B, N, C_out)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.fc1.forward(x)?.gelu_erf()?;
+        self.fc2.forward(&self.grn.forward(&x)?)
+    }
+}
+
+/// `ResBlock` (Stage C): the skip joins before the depthwise conv.
+#[derive(Debug, Clone)]
+pub struct ResBlock {
+    depthwise: Conv2d,
+    channelwise: ChannelMlp,
+}
+
+impl ResBlock {
+    pub fn new(c: usize, c_skip: usize, kernel_size: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            depthwise: depthwise(c + c_skip, c, kernel_size, vb.pp("depthwise"))?,
+            channelwise: ChannelMlp::new(c, c * 4, c, vb.pp("channelwise"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, x_skip: Option<&Tensor>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let joined = match x_skip {
+            Some(s) => Tensor::cat(&[x, s], 1)?,
+            None => x.clone(),
+        };
+        let t = to_tokens(&self.depthwise.forward(&joined)?)?;
+        let t = self.channelwise.forward(&layer_norm(&t, None, 1e-6)?)?;
+        from_tokens(&t, h, w)? + x
+    }
+}
+
+/// diffusers' `Attention` with bias, as the AttnBlocks configure it: multi-head
+/// attention of query tokens over key/value tokens, without a mask.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    pub fn new(c: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = c / heads * heads;
+        Ok(Self {
+            to_q: candle_nn::linear(c, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear(c, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear(c, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, c, vb.pp("to_out").pp("0"))?,
+            heads,
+        })
+    }
+
+    /// q (B, N, C), kv (B, L, C) -> (B, N, C)
+    pub fn forward(&self, q: &Tensor, kv: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = q.dims3()?;
+        let l = kv.dim(1)?;
+        let split = |x: Tensor, len: usize| -> Result<Tensor> {
+            let d = x.dim(2)? / self.heads;
+            // (B, len, heads*d) -> (B, heads, len, d)
+            x.reshape((b, len, self.heads, d))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.to_q.forward(q)?, n)?;
+        let k = split(self.to_k.forward(kv)?, l)?;
+        let v = split(self.to_v.forward(kv)?, l)?;
+        let d = q.dim(3)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
+        // (B, heads, N, d) -> (B, N, heads*d)
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, self.heads * d))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// `AttnBlock`: the image tokens attend over themselves and the mapped conditioning
+/// in one softmax (`self_attn=True` concatenates them as keys/values).
+#[derive(Debug, Clone)]
+pub struct AttnBlock {
+    attention: Attention,
+    kv_mapper: Linear,
+    self_attn: bool,
+}
+
+impl AttnBlock {
+    pub fn new(c: usize, c_cond: usize, nhead: usize, self_attn: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            attention: Attention::new(c, nhead, vb.pp("attention"))?,
+            // nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c)): the Linear is index 1
+            kv_mapper: candle_nn::linear(c_cond, c, vb.pp("kv_mapper").pp("1"))?,
+            self_attn,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, cond: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let kv = self.kv_mapper.forward(&cond.silu()?)?;
+        let q = to_tokens(&channel_layer_norm(x)?)?;
+        let kv = if self.self_attn {
+            Tensor::cat(&[&q, &kv], 1)?
+        } else {
+            kv
+        };
+        x + from_tokens(&self.attention.forward(&q, &kv)?, h, w)?
+    }
+}

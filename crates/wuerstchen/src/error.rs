@@ -1,0 +1,64 @@
+//! The library's error type. Every message names the thing that is wrong, the limit or
+//! expectation, and the value found, so a user can act on it without reading code.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path} is not a valid config: {message}")]
+    Config { path: PathBuf, message: String },
+
+    #[error("no weights in {dir}: expected one of {expected}")]
+    NoWeights { dir: PathBuf, expected: String },
+
+    #[error("{path} is not a readable safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+
+    #[error("tensor `{name}` is missing from {file}")]
+    MissingTensor { name: String, file: PathBuf },
+
+    #[error("tensor `{name}` in {file} is not used by this model (unexpected extra tensor; wrong config or wrong folder?)")]
+    UnexpectedTensor { name: String, file: PathBuf },
+
+    #[error("tensor `{name}` in {file} has shape {found:?}, the config expects {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        file: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    #[error("tensor `{name}` in {file} has dtype {dtype}, expected a float dtype")]
+    NotFloat {
+        name: String,
+        file: PathBuf,
+        dtype: String,
+    },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

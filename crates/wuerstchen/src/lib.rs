@@ -1,0 +1,10 @@
+//! Würstchen v2 (Stage A, B, C) on candle, numerically equal to HuggingFace diffusers.
+
+pub mod config;
+pub mod error;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub mod blocks;
+pub mod resize;
+pub mod stage_c;

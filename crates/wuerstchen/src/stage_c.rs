@@ -1,0 +1,78 @@
+//! Stage C, the text-conditional prior: diffusers' `WuerstchenPrior`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Linear, VarBuilder};
+
+use crate::blocks::{channel_layer_norm, conv1x1, r_embedding, AttnBlock, ResBlock, TimestepBlock};
+use crate::config::PriorConfig;
+
+/// One of the `depth` repetitions: `blocks.{3i}`, `blocks.{3i+1}`, `blocks.{3i+2}`.
+#[derive(Debug, Clone)]
+struct PriorLayer {
+    res: ResBlock,
+    timestep: TimestepBlock,
+    attn: AttnBlock,
+}
+
+#[derive(Debug, Clone)]
+pub struct WuerstchenPrior {
+    projection: Conv2d,
+    cond_fc1: Linear,
+    cond_fc2: Linear,
+    layers: Vec<PriorLayer>,
+    out_conv: Conv2d,
+    c_r: usize,
+}
+
+impl WuerstchenPrior {
+    pub fn new(cfg: &PriorConfig, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.c;
+        let blocks = vb.pp("blocks");
+        let layers = (0..cfg.depth)
+            .map(|i| {
+                Ok(PriorLayer {
+                    res: ResBlock::new(c, 0, 3, blocks.pp(3 * i))?,
+                    timestep: TimestepBlock::new(c, cfg.c_r, blocks.pp(3 * i + 1))?,
+                    attn: AttnBlock::new(c, c, cfg.nhead, true, blocks.pp(3 * i + 2))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            projection: conv1x1(cfg.c_in, c, vb.pp("projection"))?,
+            // cond_mapper = Sequential(Linear, LeakyReLU(0.2), Linear)
+            cond_fc1: candle_nn::linear(cfg.c_cond, c, vb.pp("cond_mapper").pp("0"))?,
+            cond_fc2: candle_nn::linear(c, c, vb.pp("cond_mapper").pp("2"))?,
+            layers,
+            // out = Sequential(WuerstchenLayerNorm, Conv2d)
+            out_conv: conv1x1(c, cfg.c_in * 2, vb.pp("out").pp("1"))?,
+            c_r: cfg.c_r,
+        })
+    }
+
+    /// x (B, c_in, h, w) noisy latents, r (B) noise level in [0, 1],
+    /// c (B, L, c_cond) text embeddings -> predicted noise (B, c_in, h, w).
+    pub fn forward(&self, x: &Tensor, r: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let x_in = x;
+        let mut x = self.projection.forward(x)?;
+        let c_embed = self
+            .cond_fc2
+            .forward(&leaky_relu(&self.cond_fc1.forward(c)?, 0.2)?)?;
+        let r_embed = r_embedding(r, self.c_r)?.to_dtype(x.dtype())?;
+        for layer in &self.layers {
+            x = layer.res.forward(&x, None)?;
+            x = layer.timestep.forward(&x, &r_embed)?;
+            x = layer.attn.forward(&x, &c_embed)?;
+        }
+        let out = self.out_conv.forward(&channel_layer_norm(&x)?)?;
+        let c_in = x_in.dim(1)?;
+        let a = out.narrow(1, 0, c_in)?;
+        let b = out.narrow(1, c_in, c_in)?;
+        // (x_in - a) / (|1 - b| + 1e-5)
+        (x_in - a)?.div(&((b.affine(-1.0, 1.0)?.abs()? + 1e-5)?))
+    }
+}
+
+fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    // max(x, 0) + slope * min(x, 0)
+    x.relu()? + (x.minimum(0.0)? * slope)?
+}
