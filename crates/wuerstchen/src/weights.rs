@@ -281,3 +281,34 @@ pub fn record_parameters<M>(
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     Ok((model, seen))
 }
+
+/// Opens one component folder: parses and validates `config.json` and maps the
+/// weights, ready for [`WeightFiles::build`].
+pub fn open_component<C>(dir: &Path) -> Result<(C, WeightFiles)>
+where
+    C: serde::de::DeserializeOwned + crate::config::Validate,
+{
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+        ));
+    }
+    let config: C = crate::config::load_config(&dir.join("config.json"))?;
+    Ok((config, WeightFiles::open_dir(dir)?))
+}
+
+/// Loads one component folder (`config.json` + weights) into a model, strictly.
+pub fn load_component<C, M>(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(&C, VarBuilder) -> candle_core::Result<M>,
+) -> Result<(C, M)>
+where
+    C: serde::de::DeserializeOwned + crate::config::Validate,
+{
+    let (config, files) = open_component::<C>(dir)?;
+    let model = files.build(dtype, device, |vb| build(&config, vb))?;
+    Ok((config, model))
+}

@@ -1,0 +1,235 @@
+//! Stage A, the f=4 VQGAN: diffusers' `PaellaVQModel`.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
+
+use crate::blocks::{conv1x1, conv2d, from_tokens, layer_norm, to_tokens};
+use crate::config::PaellaVQConfig;
+
+/// `MixingResidualBlock`: depthwise conv (replication padded) and channel MLP, each
+/// behind a layer norm whose scale and shift, and the branch gain, are six learned
+/// scalars.
+#[derive(Debug, Clone)]
+pub struct MixingResidualBlock {
+    depthwise: Conv2d,
+    fc1: Linear,
+    fc2: Linear,
+    gammas: Tensor,
+}
+
+impl MixingResidualBlock {
+    pub fn new(c: usize, embed_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let dw = Conv2dConfig {
+            groups: c,
+            ..Default::default()
+        };
+        Ok(Self {
+            // depthwise = Sequential(ReplicationPad2d(1), Conv2d(groups=c))
+            depthwise: conv2d(c, c, 3, dw, true, vb.pp("depthwise").pp("1"))?,
+            // channelwise = Sequential(Linear, GELU, Linear)
+            fc1: candle_nn::linear(c, embed_dim, vb.pp("channelwise").pp("0"))?,
+            fc2: candle_nn::linear(embed_dim, c, vb.pp("channelwise").pp("2"))?,
+            gammas: vb.get(6, "gammas")?,
+        })
+    }
+
+    fn gamma(&self, i: usize) -> Result<Tensor> {
+        self.gammas.narrow(0, i, 1)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let tokens = to_tokens(x)?;
+        let modulate = |t: &Tensor, scale: usize, shift: usize| -> Result<Tensor> {
+            layer_norm(t, None, 1e-6)?
+                .broadcast_mul(&(self.gamma(scale)? + 1.0)?)?
+                .broadcast_add(&self.gamma(shift)?)
+        };
+        // x + depthwise(pad(norm1(x) * (1 + g0) + g1)) * g2
+        let t = from_tokens(&modulate(&tokens, 0, 1)?, h, w)?;
+        let t = t.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?;
+        let x = (x + self.depthwise.forward(&t)?.broadcast_mul(&self.gamma(2)?)?)?;
+        // x + channelwise(norm2(x) * (1 + g3) + g4) * g5
+        let t = modulate(&to_tokens(&x)?, 3, 4)?;
+        let t = self.fc2.forward(&self.fc1.forward(&t)?.gelu_erf()?)?;
+        x + from_tokens(&t, h, w)?.broadcast_mul(&self.gamma(5)?)?
+    }
+}
+
+/// BatchNorm2d in eval mode (running statistics, eps 1e-5).
+#[derive(Debug, Clone)]
+struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+}
+
+impl BatchNorm {
+    fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(c, "weight")?,
+            bias: vb.get(c, "bias")?,
+            running_mean: vb.get(c, "running_mean")?,
+            running_var: vb.get(c, "running_var")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        let shape = (1, c, 1, 1);
+        let inv = (self.running_var.clone() + 1e-5)?.sqrt()?.recip()?;
+        x.broadcast_sub(&self.running_mean.reshape(shape)?)?
+            .broadcast_mul(&inv.reshape(shape)?)?
+            .broadcast_mul(&self.weight.reshape(shape)?)?
+            .broadcast_add(&self.bias.reshape(shape)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Layer {
+    Mix(MixingResidualBlock),
+    Down(Conv2d),
+    Up(ConvTranspose2d),
+}
+
+impl Module for Layer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Layer::Mix(m) => m.forward(x),
+            Layer::Down(c) => c.forward(x),
+            Layer::Up(c) => c.forward(x),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PaellaVQModel {
+    in_conv: Conv2d,
+    down: Vec<Layer>,
+    to_latent: Conv2d,
+    latent_norm: BatchNorm,
+    codebook: Tensor,
+    from_latent: Conv2d,
+    up: Vec<Layer>,
+    out_conv: Conv2d,
+    scale: usize,
+    pub scale_factor: f64,
+}
+
+impl PaellaVQModel {
+    /// Loads a `vqgan/` folder (`config.json` + safetensors), casting weights to `dtype`.
+    pub fn load(dir: &std::path::Path, dtype: candle_core::DType, device: &candle_core::Device) -> crate::Result<(Self, PaellaVQConfig)> {
+        let (cfg, model) = crate::weights::load_component(dir, dtype, device, |cfg: &PaellaVQConfig, vb| Self::new(cfg, vb))?;
+        Ok((model, cfg))
+    }
+
+    pub fn new(cfg: &PaellaVQConfig, vb: VarBuilder) -> Result<Self> {
+        let levels = cfg.levels;
+        let c_levels: Vec<usize> = (0..levels).rev().map(|i| cfg.embed_dim >> i).collect();
+        let s2 = cfg.up_down_scale_factor * cfg.up_down_scale_factor;
+        let resample = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+
+        let vbd = vb.pp("down_blocks");
+        let mut down = Vec::new();
+        for i in 0..levels {
+            if i > 0 {
+                let conv = conv2d(c_levels[i - 1], c_levels[i], 4, resample, true, vbd.pp(down.len()))?;
+                down.push(Layer::Down(conv));
+            }
+            let block = MixingResidualBlock::new(c_levels[i], c_levels[i] * 4, vbd.pp(down.len()))?;
+            down.push(Layer::Mix(block));
+        }
+        // Sequential(Conv2d(no bias), BatchNorm2d) after the blocks
+        let vbl = vbd.pp(down.len());
+        let to_latent = conv2d(c_levels[levels - 1], cfg.latent_channels, 1, Default::default(), false, vbl.pp("0"))?;
+        let latent_norm = BatchNorm::new(cfg.latent_channels, vbl.pp("1"))?;
+
+        let vbu = vb.pp("up_blocks");
+        let from_latent = conv1x1(cfg.latent_channels, c_levels[levels - 1], vbu.pp("0").pp("0"))?;
+        let mut up = Vec::new();
+        for i in 0..levels {
+            let c = c_levels[levels - 1 - i];
+            let repeats = if i == 0 { cfg.bottleneck_blocks } else { 1 };
+            for _ in 0..repeats {
+                up.push(Layer::Mix(MixingResidualBlock::new(c, c * 4, vbu.pp(up.len() + 1))?));
+            }
+            if i < levels - 1 {
+                let t = ConvTranspose2dConfig {
+                    padding: 1,
+                    stride: 2,
+                    ..Default::default()
+                };
+                let conv = candle_nn::conv_transpose2d(c, c_levels[levels - 2 - i], 4, t, vbu.pp(up.len() + 1))?;
+                up.push(Layer::Up(conv));
+            }
+        }
+
+        Ok(Self {
+            // in_block = Sequential(PixelUnshuffle, Conv2d)
+            in_conv: conv1x1(cfg.in_channels * s2, c_levels[0], vb.pp("in_block").pp("1"))?,
+            down,
+            to_latent,
+            latent_norm,
+            codebook: vb.get((cfg.num_vq_embeddings, cfg.latent_channels), "vquantizer.embedding.weight")?,
+            from_latent,
+            up,
+            // out_block = Sequential(Conv2d, PixelShuffle)
+            out_conv: conv1x1(c_levels[0], cfg.out_channels * s2, vb.pp("out_block").pp("0"))?,
+            scale: cfg.up_down_scale_factor,
+            scale_factor: cfg.scale_factor,
+        })
+    }
+
+    /// images (B, 3, H, W) -> latents (B, 4, H/4, W/4), not quantized.
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let mut h = self.in_conv.forward(&candle_nn::ops::pixel_unshuffle(images, self.scale)?)?;
+        for layer in &self.down {
+            h = layer.forward(&h)?;
+        }
+        self.latent_norm.forward(&self.to_latent.forward(&h)?)
+    }
+
+    /// Nearest codebook entry for every latent vector: (B, C, H, W) -> indices (B*H*W)
+    /// in the order diffusers flattens them (B, H, W).
+    pub fn quantize_indices(&self, latents: &Tensor) -> Result<Tensor> {
+        let c = latents.dim(1)?;
+        let z = latents.permute((0, 2, 3, 1))?.reshape(((), c))?; // (N, C)
+        let e = self.codebook.to_dtype(z.dtype())?;
+        // ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2 ; ||z||^2 is constant per row
+        let ze = z.matmul(&e.t()?)?;
+        let e2 = e.sqr()?.sum(D::Minus1)?.unsqueeze(0)?;
+        let dist = (ze * -2.0)?.broadcast_add(&e2)?;
+        dist.argmin(D::Minus1)
+    }
+
+    /// Replaces each latent vector by its nearest codebook entry (the forward value of
+    /// `vquantizer(latents)[0]`).
+    pub fn quantize(&self, latents: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = latents.dims4()?;
+        let idx = self.quantize_indices(latents)?;
+        let zq = self.codebook.embedding(&idx)?.to_dtype(latents.dtype())?; // (N, C)
+        zq.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+    }
+
+    /// latents (B, 4, h, w) -> images (B, 3, 4h, 4w), unscaled and unclamped; set
+    /// `quantize` for `force_not_quantize=False`.
+    pub fn decode(&self, latents: &Tensor, quantize: bool) -> Result<Tensor> {
+        let q;
+        let latents = if quantize {
+            q = self.quantize(latents)?;
+            &q
+        } else {
+            latents
+        };
+        let mut h = self.from_latent.forward(latents)?;
+        for layer in &self.up {
+            h = layer.forward(&h)?;
+        }
+        candle_nn::ops::pixel_shuffle(&self.out_conv.forward(&h)?, self.scale)
+    }
+}
