@@ -14,3 +14,4 @@ pub mod clip;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod forward;
+pub mod parity;

@@ -12,9 +12,18 @@ use crate::config::SchedulerConfig;
 /// (`DEFAULT_STAGE_C_TIMESTEPS`): 20 steps from 1 to 2/3, then 10 down to 0. The model
 /// runs on all but the last value: 29 calls.
 pub fn default_stage_c_timesteps() -> Vec<f32> {
-    let mut t = linspace(1.0, 2.0 / 3.0, 20);
-    t.extend(linspace(2.0 / 3.0, 0.0, 11).into_iter().skip(1));
-    t
+    // diffusers builds it with numpy in f64; torch rounds to f32 when stepping.
+    let mut t = numpy_linspace(1.0, 2.0 / 3.0, 20);
+    t.extend(numpy_linspace(2.0 / 3.0, 0.0, 11).into_iter().skip(1));
+    t.into_iter().map(|v| v as f32).collect()
+}
+
+/// `numpy.linspace(start, stop, n)`: `start + i * step`, the last value exactly `stop`.
+fn numpy_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
+    let step = (stop - start) / (n - 1) as f64;
+    (0..n)
+        .map(|i| if i + 1 == n { stop } else { start + i as f64 * step })
+        .collect()
 }
 
 /// `torch.linspace(start, end, n)` in f32 (same formula, same values).

@@ -1,0 +1,88 @@
+//! Every component against diffusers' output on the committed fixtures.
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp};
+use common::{assert_parity, fixture_component, fixtures, load};
+use wuerstchen::forward::{run_forward, Component};
+use wuerstchen::resize::resize_bicubic_aa;
+use wuerstchen::stage_a::PaellaVQModel;
+
+/// Runs every fixture of one component kind; returns how many ran.
+fn run_component(kind: Component) -> usize {
+    let mut ran = 0;
+    let mut dirs: Vec<_> = std::fs::read_dir(fixtures()).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    for dir in dirs {
+        if fixture_component(&dir).as_deref() != Some(kind.name()) {
+            continue;
+        }
+        let inputs = load(&dir.join("inputs.safetensors"));
+        let expected = &load(&dir.join("expected.safetensors"))["output"];
+        let got = run_forward(kind, &dir.join("model"), &inputs, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert_parity(&name, &got, expected);
+        ran += 1;
+    }
+    ran
+}
+
+#[test]
+fn prior_matches_diffusers() {
+    assert!(run_component(Component::Prior) >= 2);
+}
+
+#[test]
+fn decoder_matches_diffusers() {
+    assert!(run_component(Component::Decoder) >= 3);
+}
+
+#[test]
+fn vqgan_decode_matches_diffusers() {
+    assert!(run_component(Component::VqganDecode) >= 2);
+}
+
+#[test]
+fn vqgan_encode_matches_diffusers() {
+    assert!(run_component(Component::VqganEncode) >= 2);
+}
+
+#[test]
+fn text_encoder_matches_transformers() {
+    assert!(run_component(Component::TextEncoder) >= 2);
+}
+
+#[test]
+fn vector_quantizer_picks_diffusers_codes() {
+    for case in ["vqgan_a_decode", "vqgan_b_decode"] {
+        let dir = fixtures().join(case);
+        let q = load(&dir.join("quantize.safetensors"));
+        let (model, _) = PaellaVQModel::load(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
+        let idx = model.quantize_indices(&q["latents"]).unwrap();
+        let got: Vec<u32> = idx.to_vec1().unwrap();
+        let want: Vec<i64> = q["indices"].to_vec1().unwrap();
+        let same = got.iter().zip(&want).filter(|(a, b)| **a as i64 == **b).count();
+        println!("{case}: {same}/{} codebook indices equal", want.len());
+        assert_eq!(same, want.len(), "{case}: indices differ");
+        assert_parity(&format!("{case} quantized"), &model.quantize(&q["latents"]).unwrap(), &q["quantized"]);
+    }
+}
+
+#[test]
+fn bicubic_antialiased_resize_matches_torch() {
+    let t = load(&fixtures().join("resize/resize.safetensors"));
+    let mut checked = 0;
+    for (key, expected) in &t {
+        let Some((src, size)) = key.split_once('.') else { continue };
+        let (h, w) = size.split_once('x').unwrap();
+        let got = resize_bicubic_aa(&t[src], h.parse().unwrap(), w.parse().unwrap()).unwrap();
+        assert_parity(&format!("resize {src} -> {size}"), &got, expected);
+        checked += 1;
+    }
+    assert!(checked >= 18);
+    // the first batch item resized alone equals its slice of the batch
+    let x = &t["x"];
+    let one = resize_bicubic_aa(&x.i(0..1).unwrap(), 16, 16).unwrap();
+    assert_parity("resize batch slice", &one, &t["x.16x16"].i(0..1).unwrap());
+}
