@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use wuerstchen::forward::{run_forward, Component};
 
 #[derive(Parser)]
-#[command(name = "wuerstchen", version, about = "Würstchen text-to-image in Rust, equal to diffusers")]
+#[command(
+    name = "wuerstchen",
+    version,
+    about = "Würstchen text-to-image in Rust, equal to diffusers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,11 +80,19 @@ fn forward(component: &str, model: &Path, inputs: &Path, output: &Path) -> Resul
 /// Writes through a temporary file in the same folder and renames it into place, so a
 /// failed run never leaves a partial output behind.
 fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = write(&tmp).and_then(|()| {
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot move output into {}", path.display()))
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move output into {}", path.display()))
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

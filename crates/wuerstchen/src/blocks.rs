@@ -239,7 +239,9 @@ impl Attention {
         let split = |x: Tensor, len: usize| -> Result<Tensor> {
             let d = x.dim(2)? / self.heads;
             // (B, len, heads*d) -> (B, heads, len, d)
-            x.reshape((b, len, self.heads, d))?.transpose(1, 2)?.contiguous()
+            x.reshape((b, len, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split(self.to_q.forward(q)?, n)?;
         let k = split(self.to_k.forward(kv)?, l)?;
@@ -249,7 +251,10 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
         // (B, heads, N, d) -> (B, N, heads*d)
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, self.heads * d))?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * d))?;
         self.to_out.forward(&out)
     }
 }
@@ -264,7 +269,13 @@ pub struct AttnBlock {
 }
 
 impl AttnBlock {
-    pub fn new(c: usize, c_cond: usize, nhead: usize, self_attn: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        c: usize,
+        c_cond: usize,
+        nhead: usize,
+        self_attn: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             attention: Attention::new(c, nhead, vb.pp("attention"))?,
             // nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c)): the Linear is index 1

@@ -69,11 +69,18 @@ impl EncoderLayer {
         let hd = d / self.heads;
         let h = self.layer_norm1.forward(x)?;
         // (B, L, D) -> (B, heads, L, hd)
-        let split = |t: Tensor| t.reshape((b, l, self.heads, hd))?.transpose(1, 2)?.contiguous();
+        let split = |t: Tensor| {
+            t.reshape((b, l, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let q = split((self.q_proj.forward(&h)? * (hd as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(&h)?)?;
         let v = split(self.v_proj.forward(&h)?)?;
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         // (B, heads, L, hd) -> (B, L, D)
         let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
@@ -119,12 +126,20 @@ impl ClipTextModel {
             .map(|i| EncoderLayer::new(cfg, vb.pp("encoder").pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            token_embedding: candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?,
+            token_embedding: candle_nn::embedding(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                emb.pp("token_embedding"),
+            )?,
             position_embedding: emb
                 .pp("position_embedding")
                 .get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?,
             layers,
-            final_layer_norm: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            final_layer_norm: LayerNorm::new(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
         })
     }
 
@@ -144,7 +159,10 @@ impl ClipTextModel {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         let pos = self.position_embedding.narrow(0, 0, l)?;
-        let mut x = self.token_embedding.forward(input_ids)?.broadcast_add(&pos)?;
+        let mut x = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&pos)?;
         let mask = attention_bias(attention_mask, b, l, input_ids.device())?;
         for layer in &self.layers {
             x = layer.forward(&x, &mask)?;

@@ -74,13 +74,15 @@ impl PriorConfig {
             ..Self::default()
         }
     }
-
 }
 
 impl Validate for PriorConfig {
     fn validate(&self) -> std::result::Result<(), String> {
         if self.nhead == 0 || self.c % self.nhead != 0 {
-            return Err(format!("c = {} is not divisible by nhead = {}", self.c, self.nhead));
+            return Err(format!(
+                "c = {} is not divisible by nhead = {}",
+                self.c, self.nhead
+            ));
         }
         if self.c_r < 4 {
             return Err(format!("c_r = {} is below 4", self.c_r));
@@ -143,7 +145,6 @@ impl DiffNeXtConfig {
     pub fn official() -> Self {
         Self::default()
     }
-
 }
 
 impl Validate for DiffNeXtConfig {
@@ -165,7 +166,9 @@ impl Validate for DiffNeXtConfig {
         }
         for (i, lc) in self.level_config.iter().enumerate() {
             if let Some(bad) = lc.chars().find(|c| !"CTA".contains(*c)) {
-                return err(format!("level_config[{i}] = {lc:?}: block type {bad:?} is not C, T or A"));
+                return err(format!(
+                    "level_config[{i}] = {lc:?}: block type {bad:?} is not C, T or A"
+                ));
             }
             if lc.contains('A') {
                 let h = self.nhead[i];
@@ -225,16 +228,15 @@ impl PaellaVQConfig {
     pub fn official() -> Self {
         Self::default()
     }
-
 }
 
 impl Validate for PaellaVQConfig {
     fn validate(&self) -> std::result::Result<(), String> {
         if self.levels == 0 || self.embed_dim % (1 << (self.levels - 1)) != 0 {
             return Err(format!(
-                    "embed_dim = {} must be divisible by 2^(levels-1) with levels = {} >= 1",
-                    self.embed_dim, self.levels
-                ));
+                "embed_dim = {} must be divisible by 2^(levels-1) with levels = {} >= 1",
+                self.embed_dim, self.levels
+            ));
         }
         Ok(())
     }
@@ -293,17 +295,22 @@ impl ClipTextConfig {
             ..Self::default()
         }
     }
-
 }
 
 impl Validate for ClipTextConfig {
     fn validate(&self) -> std::result::Result<(), String> {
         let h = self.num_attention_heads;
         if h == 0 || self.hidden_size % h != 0 {
-            return Err(format!("hidden_size = {} is not divisible by num_attention_heads = {h}", self.hidden_size));
+            return Err(format!(
+                "hidden_size = {} is not divisible by num_attention_heads = {h}",
+                self.hidden_size
+            ));
         }
         if !matches!(self.hidden_act.as_str(), "gelu" | "quick_gelu") {
-            return Err(format!("hidden_act = {:?} is not supported (gelu, quick_gelu)", self.hidden_act));
+            return Err(format!(
+                "hidden_act = {:?} is not supported (gelu, quick_gelu)",
+                self.hidden_act
+            ));
         }
         Ok(())
     }
@@ -319,6 +326,9 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { scaler: 1.0, s: 0.008 }
+        Self {
+            scaler: 1.0,
+            s: 0.008,
+        }
     }
 }

@@ -59,10 +59,16 @@ impl Component {
 impl std::str::FromStr for Component {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Component::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
-            let names: Vec<_> = Component::ALL.iter().map(|c| c.name()).collect();
-            Error::InvalidInput(format!("unknown component {s:?}: expected one of {}", names.join(", ")))
-        })
+        Component::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Component::ALL.iter().map(|c| c.name()).collect();
+                Error::InvalidInput(format!(
+                    "unknown component {s:?}: expected one of {}",
+                    names.join(", ")
+                ))
+            })
     }
 }
 
@@ -93,7 +99,10 @@ impl Inputs<'_> {
     fn float(&self, name: &str, rank: usize) -> Result<Tensor> {
         let t = self.get(name, rank)?;
         if !t.dtype().is_float() {
-            return Err(Error::InvalidInput(format!("input `{name}` has dtype {:?}: expected F32", t.dtype())));
+            return Err(Error::InvalidInput(format!(
+                "input `{name}` has dtype {:?}: expected F32",
+                t.dtype()
+            )));
         }
         Ok(t.to_dtype(DType::F32)?)
     }
@@ -101,7 +110,10 @@ impl Inputs<'_> {
     fn int(&self, name: &str, rank: usize) -> Result<Tensor> {
         let t = self.get(name, rank)?;
         if t.dtype().is_float() {
-            return Err(Error::InvalidInput(format!("input `{name}` has dtype {:?}: expected I64", t.dtype())));
+            return Err(Error::InvalidInput(format!(
+                "input `{name}` has dtype {:?}: expected I64",
+                t.dtype()
+            )));
         }
         Ok(t)
     }
@@ -151,7 +163,11 @@ pub fn run_forward(
             let (model, cfg) = WuerstchenPrior::load(model_dir, dt, device)?;
             expect_dim("x", &x, 1, cfg.c_in, "c_in")?;
             expect_dim("c", &c, 2, cfg.c_cond, "c_cond")?;
-            model.forward(&x.to_device(device)?, &r.to_device(device)?, &c.to_device(device)?)?
+            model.forward(
+                &x.to_device(device)?,
+                &r.to_device(device)?,
+                &c.to_device(device)?,
+            )?
         }
         Component::Decoder => {
             let (x, r) = (inp.float("x", 4)?, inp.float("r", 1)?);
@@ -174,7 +190,13 @@ pub fn run_forward(
         Component::VqganDecode => {
             let latents = inp.float("latents", 4)?;
             let (model, cfg) = PaellaVQModel::load(model_dir, dt, device)?;
-            expect_dim("latents", &latents, 1, cfg.latent_channels, "latent_channels")?;
+            expect_dim(
+                "latents",
+                &latents,
+                1,
+                cfg.latent_channels,
+                "latent_channels",
+            )?;
             model.decode(&latents.to_device(device)?, false)?
         }
         Component::VqganEncode => {
@@ -209,7 +231,10 @@ pub fn run_forward(
                 )));
             }
             let ids64 = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
-            if let Some(bad) = ids64.iter().find(|&&i| i < 0 || i as usize >= cfg.vocab_size) {
+            if let Some(bad) = ids64
+                .iter()
+                .find(|&&i| i < 0 || i as usize >= cfg.vocab_size)
+            {
                 return Err(Error::InvalidInput(format!(
                     "input_ids contains {bad}, outside the vocabulary of {} tokens",
                     cfg.vocab_size

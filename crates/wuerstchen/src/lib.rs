@@ -6,12 +6,12 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub mod blocks;
-pub mod resize;
-pub mod stage_c;
-pub mod stage_a;
-pub mod stage_b;
 pub mod clip;
-pub mod scheduler;
-pub mod tokenizer;
 pub mod forward;
 pub mod parity;
+pub mod resize;
+pub mod scheduler;
+pub mod stage_a;
+pub mod stage_b;
+pub mod stage_c;
+pub mod tokenizer;

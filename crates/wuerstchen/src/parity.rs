@@ -46,21 +46,32 @@ pub fn compare(got: &Tensor, expected: &Tensor) -> Result<ParityReport> {
         )));
     }
     let a = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let b = expected.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let b = expected
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     let mut max_abs_diff = 0f64;
     let mut sq = 0f64;
     let mut max_abs_expected = 0f64;
     for (x, y) in a.iter().zip(&b) {
         let d = (x - y).abs();
         // NaN anywhere must fail, and `max` would swallow it
-        max_abs_diff = if d.is_nan() { f64::INFINITY } else { max_abs_diff.max(d) };
+        max_abs_diff = if d.is_nan() {
+            f64::INFINITY
+        } else {
+            max_abs_diff.max(d)
+        };
         sq += d * d;
         max_abs_expected = max_abs_expected.max(y.abs());
     }
     let rms_diff = (sq / a.len().max(1) as f64).sqrt();
     Ok(ParityReport {
         max_abs_diff,
-        rms_diff: if rms_diff.is_nan() { f64::INFINITY } else { rms_diff },
+        rms_diff: if rms_diff.is_nan() {
+            f64::INFINITY
+        } else {
+            rms_diff
+        },
         max_abs_expected,
         tolerance: RELATIVE_TOLERANCE * max_abs_expected.max(1.0),
     })

@@ -22,7 +22,13 @@ pub fn default_stage_c_timesteps() -> Vec<f32> {
 fn numpy_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
     let step = (stop - start) / (n - 1) as f64;
     (0..n)
-        .map(|i| if i + 1 == n { stop } else { start + i as f64 * step })
+        .map(|i| {
+            if i + 1 == n {
+                stop
+            } else {
+                start + i as f64 * step
+            }
+        })
         .collect()
 }
 
@@ -131,10 +137,16 @@ impl DdpmWuerstchenScheduler {
         if t.len() != b {
             candle_core::bail!("add_noise: {} timesteps for a batch of {b}", t.len());
         }
-        let shape: Vec<usize> = std::iter::once(b).chain(std::iter::repeat_n(1, x0.rank() - 1)).collect();
+        let shape: Vec<usize> = std::iter::once(b)
+            .chain(std::iter::repeat_n(1, x0.rank() - 1))
+            .collect();
         let abar: Vec<f32> = t.iter().map(|&t| self.alpha_cumprod(t)).collect();
-        let a = Tensor::from_vec(abar.iter().map(|a| a.sqrt()).collect::<Vec<_>>(), shape.as_slice(), x0.device())?
-            .to_dtype(x0.dtype())?;
+        let a = Tensor::from_vec(
+            abar.iter().map(|a| a.sqrt()).collect::<Vec<_>>(),
+            shape.as_slice(),
+            x0.device(),
+        )?
+        .to_dtype(x0.dtype())?;
         let s = Tensor::from_vec(
             abar.iter().map(|a| (1.0 - a).sqrt()).collect::<Vec<_>>(),
             shape.as_slice(),

@@ -119,8 +119,15 @@ pub struct PaellaVQModel {
 
 impl PaellaVQModel {
     /// Loads a `vqgan/` folder (`config.json` + safetensors), casting weights to `dtype`.
-    pub fn load(dir: &std::path::Path, dtype: candle_core::DType, device: &candle_core::Device) -> crate::Result<(Self, PaellaVQConfig)> {
-        let (cfg, model) = crate::weights::load_component(dir, dtype, device, |cfg: &PaellaVQConfig, vb| Self::new(cfg, vb))?;
+    pub fn load(
+        dir: &std::path::Path,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> crate::Result<(Self, PaellaVQConfig)> {
+        let (cfg, model) =
+            crate::weights::load_component(dir, dtype, device, |cfg: &PaellaVQConfig, vb| {
+                Self::new(cfg, vb)
+            })?;
         Ok((model, cfg))
     }
 
@@ -138,7 +145,14 @@ impl PaellaVQModel {
         let mut down = Vec::new();
         for i in 0..levels {
             if i > 0 {
-                let conv = conv2d(c_levels[i - 1], c_levels[i], 4, resample, true, vbd.pp(down.len()))?;
+                let conv = conv2d(
+                    c_levels[i - 1],
+                    c_levels[i],
+                    4,
+                    resample,
+                    true,
+                    vbd.pp(down.len()),
+                )?;
                 down.push(Layer::Down(conv));
             }
             let block = MixingResidualBlock::new(c_levels[i], c_levels[i] * 4, vbd.pp(down.len()))?;
@@ -146,17 +160,32 @@ impl PaellaVQModel {
         }
         // Sequential(Conv2d(no bias), BatchNorm2d) after the blocks
         let vbl = vbd.pp(down.len());
-        let to_latent = conv2d(c_levels[levels - 1], cfg.latent_channels, 1, Default::default(), false, vbl.pp("0"))?;
+        let to_latent = conv2d(
+            c_levels[levels - 1],
+            cfg.latent_channels,
+            1,
+            Default::default(),
+            false,
+            vbl.pp("0"),
+        )?;
         let latent_norm = BatchNorm::new(cfg.latent_channels, vbl.pp("1"))?;
 
         let vbu = vb.pp("up_blocks");
-        let from_latent = conv1x1(cfg.latent_channels, c_levels[levels - 1], vbu.pp("0").pp("0"))?;
+        let from_latent = conv1x1(
+            cfg.latent_channels,
+            c_levels[levels - 1],
+            vbu.pp("0").pp("0"),
+        )?;
         let mut up = Vec::new();
         for i in 0..levels {
             let c = c_levels[levels - 1 - i];
             let repeats = if i == 0 { cfg.bottleneck_blocks } else { 1 };
             for _ in 0..repeats {
-                up.push(Layer::Mix(MixingResidualBlock::new(c, c * 4, vbu.pp(up.len() + 1))?));
+                up.push(Layer::Mix(MixingResidualBlock::new(
+                    c,
+                    c * 4,
+                    vbu.pp(up.len() + 1),
+                )?));
             }
             if i < levels - 1 {
                 let t = ConvTranspose2dConfig {
@@ -164,7 +193,13 @@ impl PaellaVQModel {
                     stride: 2,
                     ..Default::default()
                 };
-                let conv = candle_nn::conv_transpose2d(c, c_levels[levels - 2 - i], 4, t, vbu.pp(up.len() + 1))?;
+                let conv = candle_nn::conv_transpose2d(
+                    c,
+                    c_levels[levels - 2 - i],
+                    4,
+                    t,
+                    vbu.pp(up.len() + 1),
+                )?;
                 up.push(Layer::Up(conv));
             }
         }
@@ -175,11 +210,18 @@ impl PaellaVQModel {
             down,
             to_latent,
             latent_norm,
-            codebook: vb.get((cfg.num_vq_embeddings, cfg.latent_channels), "vquantizer.embedding.weight")?,
+            codebook: vb.get(
+                (cfg.num_vq_embeddings, cfg.latent_channels),
+                "vquantizer.embedding.weight",
+            )?,
             from_latent,
             up,
             // out_block = Sequential(Conv2d, PixelShuffle)
-            out_conv: conv1x1(c_levels[0], cfg.out_channels * s2, vb.pp("out_block").pp("0"))?,
+            out_conv: conv1x1(
+                c_levels[0],
+                cfg.out_channels * s2,
+                vb.pp("out_block").pp("0"),
+            )?,
             scale: cfg.up_down_scale_factor,
             scale_factor: cfg.scale_factor,
         })
@@ -187,7 +229,9 @@ impl PaellaVQModel {
 
     /// images (B, 3, H, W) -> latents (B, 4, H/4, W/4), not quantized.
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
-        let mut h = self.in_conv.forward(&candle_nn::ops::pixel_unshuffle(images, self.scale)?)?;
+        let mut h = self
+            .in_conv
+            .forward(&candle_nn::ops::pixel_unshuffle(images, self.scale)?)?;
         for layer in &self.down {
             h = layer.forward(&h)?;
         }
@@ -213,7 +257,9 @@ impl PaellaVQModel {
         let (b, c, h, w) = latents.dims4()?;
         let idx = self.quantize_indices(latents)?;
         let zq = self.codebook.embedding(&idx)?.to_dtype(latents.dtype())?; // (N, C)
-        zq.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        zq.reshape((b, h, w, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
     }
 
     /// latents (B, 4, h, w) -> images (B, 3, 4h, 4w), unscaled and unclamped; set

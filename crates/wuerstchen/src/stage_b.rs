@@ -5,11 +5,11 @@
 //! which is resized to every level's resolution and joined to the ResBlocks' skips.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, ConvTranspose2d, ConvTranspose2dConfig, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
 
 use crate::blocks::{
-    channel_layer_norm, conv1x1, conv2d, depthwise, from_tokens, layer_norm, r_embedding, to_tokens, AttnBlock,
-    ChannelMlp, TimestepBlock,
+    channel_layer_norm, conv1x1, conv2d, depthwise, from_tokens, layer_norm, r_embedding,
+    to_tokens, AttnBlock, ChannelMlp, TimestepBlock,
 };
 use crate::config::DiffNeXtConfig;
 use crate::resize::resize_bicubic_aa;
@@ -77,8 +77,15 @@ pub struct WuerstchenDiffNeXt {
 
 impl WuerstchenDiffNeXt {
     /// Loads a `decoder/` folder (`config.json` + safetensors), casting weights to `dtype`.
-    pub fn load(dir: &std::path::Path, dtype: candle_core::DType, device: &candle_core::Device) -> crate::Result<(Self, DiffNeXtConfig)> {
-        let (cfg, model) = crate::weights::load_component(dir, dtype, device, |cfg: &DiffNeXtConfig, vb| Self::new(cfg, vb))?;
+    pub fn load(
+        dir: &std::path::Path,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> crate::Result<(Self, DiffNeXtConfig)> {
+        let (cfg, model) =
+            crate::weights::load_component(dir, dtype, device, |cfg: &DiffNeXtConfig, vb| {
+                Self::new(cfg, vb)
+            })?;
         Ok((model, cfg))
     }
 
@@ -91,7 +98,13 @@ impl WuerstchenDiffNeXt {
             Ok(match kind {
                 'C' => Block::Res(ResBlockStageB::new(c, c_skip, cfg.kernel_size, vb)?),
                 'T' => Block::Timestep(TimestepBlock::new(c, cfg.c_r, vb)?),
-                _ => Block::Attn(AttnBlock::new(c, cfg.c_cond, cfg.nhead[level] as usize, true, vb)?),
+                _ => Block::Attn(AttnBlock::new(
+                    c,
+                    cfg.c_cond,
+                    cfg.nhead[level] as usize,
+                    true,
+                    vb,
+                )?),
             })
         };
         // effnet_mappers: one slot per down level then per up level (deepest first);
@@ -105,7 +118,13 @@ impl WuerstchenDiffNeXt {
         };
         let mapper = |slot: usize| -> Result<Option<Conv2d>> {
             inject_at(slot)
-                .then(|| conv1x1(cfg.effnet_embd, cfg.c_cond, vb.pp("effnet_mappers").pp(slot)))
+                .then(|| {
+                    conv1x1(
+                        cfg.effnet_embd,
+                        cfg.c_cond,
+                        vb.pp("effnet_mappers").pp(slot),
+                    )
+                })
                 .transpose()
         };
 
@@ -119,7 +138,14 @@ impl WuerstchenDiffNeXt {
                     stride: 2,
                     ..Default::default()
                 };
-                Some(Downsample(conv2d(ch[i - 1], ch[i], 2, cfg2, true, vbl.pp("0").pp("1"))?))
+                Some(Downsample(conv2d(
+                    ch[i - 1],
+                    ch[i],
+                    2,
+                    cfg2,
+                    true,
+                    vbl.pp("0").pp("1"),
+                )?))
             } else {
                 None
             };
@@ -144,7 +170,11 @@ impl WuerstchenDiffNeXt {
             let mut blocks = Vec::new();
             for j in 0..cfg.blocks[i] {
                 for (k, kind) in cfg.level_config[i].chars().enumerate() {
-                    let mut c_skip = if i < n - 1 && j == 0 && k == 0 { ch[i] } else { 0 };
+                    let mut c_skip = if i < n - 1 && j == 0 && k == 0 {
+                        ch[i]
+                    } else {
+                        0
+                    };
                     if cfg.inject_effnet[i] {
                         c_skip += cfg.c_cond;
                     }
@@ -157,7 +187,13 @@ impl WuerstchenDiffNeXt {
                     stride: 2,
                     ..Default::default()
                 };
-                Some(Upsample(candle_nn::conv_transpose2d(ch[i], ch[i - 1], 2, cfg2, vbr)?))
+                Some(Upsample(candle_nn::conv_transpose2d(
+                    ch[i],
+                    ch[i - 1],
+                    2,
+                    cfg2,
+                    vbr,
+                )?))
             } else {
                 None
             };
@@ -183,7 +219,13 @@ impl WuerstchenDiffNeXt {
 
     /// x (B, c_in, H, W) noisy Stage A latents, r (B) noise level, effnet (B, 16, h, w)
     /// Stage C latents in effnet space, clip (B, L, clip_embd) -> predicted noise.
-    pub fn forward(&self, x: &Tensor, r: &Tensor, effnet: &Tensor, clip: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        effnet: &Tensor,
+        clip: &Tensor,
+    ) -> Result<Tensor> {
         let r_embed = r_embedding(r, self.c_r)?.to_dtype(x.dtype())?;
         // gen_c_embeddings: clip_mapper then a LayerNorm without affine
         let clip = layer_norm(&self.clip_mapper.forward(clip)?, None, 1e-6)?;
@@ -234,7 +276,12 @@ impl WuerstchenDiffNeXt {
 
     /// The effnet latents resized to this level (bicubic, antialiased, in f32) and
     /// mapped to c_cond channels; None where the level has no injection.
-    fn effnet_at(&self, mapper: Option<&Conv2d>, effnet: &Tensor, h: &Tensor) -> Result<Option<Tensor>> {
+    fn effnet_at(
+        &self,
+        mapper: Option<&Conv2d>,
+        effnet: &Tensor,
+        h: &Tensor,
+    ) -> Result<Option<Tensor>> {
         let Some(mapper) = mapper else {
             return Ok(None);
         };

@@ -26,8 +26,15 @@ pub struct WuerstchenPrior {
 
 impl WuerstchenPrior {
     /// Loads a `prior/` folder (`config.json` + safetensors), casting weights to `dtype`.
-    pub fn load(dir: &std::path::Path, dtype: candle_core::DType, device: &candle_core::Device) -> crate::Result<(Self, PriorConfig)> {
-        let (cfg, model) = crate::weights::load_component(dir, dtype, device, |cfg: &PriorConfig, vb| Self::new(cfg, vb))?;
+    pub fn load(
+        dir: &std::path::Path,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> crate::Result<(Self, PriorConfig)> {
+        let (cfg, model) =
+            crate::weights::load_component(dir, dtype, device, |cfg: &PriorConfig, vb| {
+                Self::new(cfg, vb)
+            })?;
         Ok((model, cfg))
     }
 

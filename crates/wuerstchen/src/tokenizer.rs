@@ -62,7 +62,8 @@ impl ClipTokenizer {
     }
 
     pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
-        let inner = Tokenizer::from_file(path).map_err(|e| tok_err(&path.display().to_string(), e))?;
+        let inner =
+            Tokenizer::from_file(path).map_err(|e| tok_err(&path.display().to_string(), e))?;
         Self::with_tokenizer(inner)
     }
 
@@ -107,9 +108,11 @@ impl ClipTokenizer {
 
     fn with_tokenizer(inner: Tokenizer) -> Result<Self> {
         let id = |t: &str| {
-            inner
-                .token_to_id(t)
-                .ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no {t} token: not a CLIP tokenizer")))
+            inner.token_to_id(t).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "the vocabulary has no {t} token: not a CLIP tokenizer"
+                ))
+            })
         };
         let (bos, eos) = (id(BOS)?, id(EOS)?);
         Ok(Self {

@@ -182,7 +182,13 @@ impl CheckedBackend<'_> {
         candle_core::Error::Msg(msg)
     }
 
-    fn load(&self, name: &str, want: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn load(
+        &self,
+        name: &str,
+        want: Option<&Shape>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let Some(&fi) = self.files.index.get(name) else {
             return Err(self.fail(Error::MissingTensor {
                 name: name.to_string(),

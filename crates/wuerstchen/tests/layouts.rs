@@ -37,9 +37,22 @@ fn check(name: &str, ours: BTreeMap<String, Vec<usize>>, official_params: usize)
         .map(|(k, v)| (k.as_str(), &v.shape))
         .collect();
     let missing: Vec<_> = theirs.keys().filter(|k| !ours.contains_key(**k)).collect();
-    let extra: Vec<_> = ours.keys().filter(|k| !theirs.contains_key(k.as_str())).collect();
-    assert!(missing.is_empty(), "{name}: we lack {} tensors, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
-    assert!(extra.is_empty(), "{name}: we have {} extra tensors, e.g. {:?}", extra.len(), &extra[..extra.len().min(5)]);
+    let extra: Vec<_> = ours
+        .keys()
+        .filter(|k| !theirs.contains_key(k.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{name}: we lack {} tensors, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(
+        extra.is_empty(),
+        "{name}: we have {} extra tensors, e.g. {:?}",
+        extra.len(),
+        &extra[..extra.len().min(5)]
+    );
     for (k, shape) in &ours {
         assert_eq!(&shape, &theirs[k.as_str()], "{name}: shape of {k}");
     }
@@ -49,25 +62,34 @@ fn check(name: &str, ours: BTreeMap<String, Vec<usize>>, official_params: usize)
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
     assert_eq!(ours_params, reference.parameters, "{name}: parameter count");
-    assert_eq!(ours_params, official_params, "{name}: parameter count of the official model");
-    println!("{name}: {} tensors, {ours_params} parameters, identical layout", ours.len());
+    assert_eq!(
+        ours_params, official_params,
+        "{name}: parameter count of the official model"
+    );
+    println!(
+        "{name}: {} tensors, {ours_params} parameters, identical layout",
+        ours.len()
+    );
 }
 
 #[test]
 fn prior_layout_equals_diffusers() {
-    let (_, names) = record_parameters(|vb| WuerstchenPrior::new(&PriorConfig::official(), vb)).unwrap();
+    let (_, names) =
+        record_parameters(|vb| WuerstchenPrior::new(&PriorConfig::official(), vb)).unwrap();
     check("prior", names, 993_636_896);
 }
 
 #[test]
 fn decoder_layout_equals_diffusers() {
-    let (_, names) = record_parameters(|vb| WuerstchenDiffNeXt::new(&DiffNeXtConfig::official(), vb)).unwrap();
+    let (_, names) =
+        record_parameters(|vb| WuerstchenDiffNeXt::new(&DiffNeXtConfig::official(), vb)).unwrap();
     check("decoder", names, 1_055_365_280);
 }
 
 #[test]
 fn vqgan_layout_equals_diffusers() {
-    let (_, names) = record_parameters(|vb| PaellaVQModel::new(&PaellaVQConfig::official(), vb)).unwrap();
+    let (_, names) =
+        record_parameters(|vb| PaellaVQModel::new(&PaellaVQConfig::official(), vb)).unwrap();
     // REFERENCE.md's 18,374,134 leaves out the 8192 x 4 codebook (and counts the
     // BatchNorm affine); the state dict holds both.
     check("vqgan", names, 18_406_894);
@@ -75,9 +97,12 @@ fn vqgan_layout_equals_diffusers() {
 
 #[test]
 fn text_encoder_layouts_equal_transformers() {
-    let (_, names) = record_parameters(|vb| ClipTextModel::new(&ClipTextConfig::official_prior(), vb)).unwrap();
+    let (_, names) =
+        record_parameters(|vb| ClipTextModel::new(&ClipTextConfig::official_prior(), vb)).unwrap();
     check("prior_text_encoder", names, 693_021_440);
-    let (_, names) = record_parameters(|vb| ClipTextModel::new(&ClipTextConfig::official_decoder(), vb)).unwrap();
+    let (_, names) =
+        record_parameters(|vb| ClipTextModel::new(&ClipTextConfig::official_decoder(), vb))
+            .unwrap();
     check("decoder_text_encoder", names, 352_984_064);
 }
 

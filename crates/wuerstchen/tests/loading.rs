@@ -66,22 +66,40 @@ fn missing_tensor_is_named() {
 fn unexpected_tensor_is_named() {
     let s = Scratch::copy_of("prior_a", "extra");
     s.edit(|t| {
-        t.insert("blocks.99.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "blocks.99.weight".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_prior(&s.0).unwrap_err();
-    assert!(matches!(&e, Error::UnexpectedTensor { name, .. } if name == "blocks.99.weight"), "{e}");
-    assert!(e.to_string().contains("diffusion_pytorch_model.safetensors"), "{e}");
+    assert!(
+        matches!(&e, Error::UnexpectedTensor { name, .. } if name == "blocks.99.weight"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("diffusion_pytorch_model.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
 fn shape_mismatch_names_both_shapes() {
     let s = Scratch::copy_of("prior_a", "shape");
     s.edit(|t| {
-        t.insert("projection.weight".into(), Tensor::zeros((32, 8, 1, 1), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "projection.weight".into(),
+            Tensor::zeros((32, 8, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_prior(&s.0).unwrap_err();
     match &e {
-        Error::ShapeMismatch { name, expected, found, .. } => {
+        Error::ShapeMismatch {
+            name,
+            expected,
+            found,
+            ..
+        } => {
             assert_eq!(name, "projection.weight");
             assert_eq!(expected, &vec![32, 16, 1, 1]);
             assert_eq!(found, &vec![32, 8, 1, 1]);
@@ -89,7 +107,10 @@ fn shape_mismatch_names_both_shapes() {
         _ => panic!("wrong error: {e}"),
     }
     let msg = e.to_string();
-    assert!(msg.contains("[32, 8, 1, 1]") && msg.contains("[32, 16, 1, 1]"), "{msg}");
+    assert!(
+        msg.contains("[32, 8, 1, 1]") && msg.contains("[32, 16, 1, 1]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -102,16 +123,23 @@ fn half_precision_weights_load_and_cast() {
     });
     let (model, _) = WuerstchenPrior::load(&s.0, DType::F32, &Device::Cpu).unwrap();
     let inputs = load(&fixtures().join("prior_a/inputs.safetensors"));
-    let y = model.forward(&inputs["x"], &inputs["r"], &inputs["c"]).unwrap();
+    let y = model
+        .forward(&inputs["x"], &inputs["r"], &inputs["c"])
+        .unwrap();
     let expected = &load(&fixtures().join("prior_a/expected.safetensors"))["output"];
     // bf16 weights: close to the f32 reference but not equal
     let report = wuerstchen::parity::compare(&y, expected).unwrap();
-    assert!(report.max_abs_diff < 0.5 && report.max_abs_diff > 0.0, "{report}");
+    assert!(
+        report.max_abs_diff < 0.5 && report.max_abs_diff > 0.0,
+        "{report}"
+    );
 }
 
 #[test]
 fn missing_folder_config_and_weights_are_reported() {
-    let e = load_prior(Path::new("/nonexistent/prior")).unwrap_err().to_string();
+    let e = load_prior(Path::new("/nonexistent/prior"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/nonexistent/prior"), "{e}");
 
     let s = Scratch::copy_of("prior_a", "noconfig");
@@ -123,7 +151,11 @@ fn missing_folder_config_and_weights_are_reported() {
     std::fs::remove_file(s.weights()).unwrap();
     let e = load_prior(&s.0).unwrap_err();
     assert!(matches!(e, Error::NoWeights { .. }), "{e}");
-    assert!(e.to_string().contains("diffusion_pytorch_model.safetensors"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("diffusion_pytorch_model.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -136,7 +168,11 @@ fn corrupt_and_truncated_files_are_errors() {
 
     std::fs::write(s.weights(), b"not a safetensors file").unwrap();
     let e = load_prior(&s.0).unwrap_err();
-    assert!(e.to_string().contains("diffusion_pytorch_model.safetensors"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("diffusion_pytorch_model.safetensors"),
+        "{e}"
+    );
 
     std::fs::write(s.0.join("config.json"), "{\"c\": \"wide\"}").unwrap();
     let e = load_prior(&s.0).unwrap_err();

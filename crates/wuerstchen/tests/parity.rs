@@ -11,7 +11,10 @@ use wuerstchen::stage_a::PaellaVQModel;
 /// Runs every fixture of one component kind; returns how many ran.
 fn run_component(kind: Component) -> usize {
     let mut ran = 0;
-    let mut dirs: Vec<_> = std::fs::read_dir(fixtures()).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut dirs: Vec<_> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     dirs.sort();
     for dir in dirs {
         if fixture_component(&dir).as_deref() != Some(kind.name()) {
@@ -62,10 +65,18 @@ fn vector_quantizer_picks_diffusers_codes() {
         let idx = model.quantize_indices(&q["latents"]).unwrap();
         let got: Vec<u32> = idx.to_vec1().unwrap();
         let want: Vec<i64> = q["indices"].to_vec1().unwrap();
-        let same = got.iter().zip(&want).filter(|(a, b)| **a as i64 == **b).count();
+        let same = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| **a as i64 == **b)
+            .count();
         println!("{case}: {same}/{} codebook indices equal", want.len());
         assert_eq!(same, want.len(), "{case}: indices differ");
-        assert_parity(&format!("{case} quantized"), &model.quantize(&q["latents"]).unwrap(), &q["quantized"]);
+        assert_parity(
+            &format!("{case} quantized"),
+            &model.quantize(&q["latents"]).unwrap(),
+            &q["quantized"],
+        );
     }
 }
 
@@ -74,7 +85,9 @@ fn bicubic_antialiased_resize_matches_torch() {
     let t = load(&fixtures().join("resize/resize.safetensors"));
     let mut checked = 0;
     for (key, expected) in &t {
-        let Some((src, size)) = key.split_once('.') else { continue };
+        let Some((src, size)) = key.split_once('.') else {
+            continue;
+        };
         let (h, w) = size.split_once('x').unwrap();
         let got = resize_bicubic_aa(&t[src], h.parse().unwrap(), w.parse().unwrap()).unwrap();
         assert_parity(&format!("resize {src} -> {size}"), &got, expected);

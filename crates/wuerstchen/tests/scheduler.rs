@@ -22,7 +22,10 @@ fn alpha_cumprod_matches_for_every_scaler() {
         for (ti, wi) in t.iter().zip(&want) {
             worst = worst.max((sched.alpha_cumprod(*ti) - wi).abs());
         }
-        println!("alpha_cumprod scaler {scaler}: max|diff| {worst:.3e} over {} points", t.len());
+        println!(
+            "alpha_cumprod scaler {scaler}: max|diff| {worst:.3e} over {} points",
+            t.len()
+        );
         assert!(worst <= 1e-6, "scaler {scaler}: {worst}");
     }
 }
@@ -32,10 +35,18 @@ fn both_timestep_schedules_match() {
     let f = load(&fixtures().join("scheduler/scheduler.safetensors"));
     let default = default_stage_c_timesteps();
     assert_eq!(default.len(), 30, "29 model calls + the final 0");
-    assert_eq!(default, vec(&f["default.timesteps"]), "default Stage C schedule");
+    assert_eq!(
+        default,
+        vec(&f["default.timesteps"]),
+        "default Stage C schedule"
+    );
     let mut s = DdpmWuerstchenScheduler::new(SchedulerConfig::default());
     s.set_steps(7);
-    assert_eq!(s.timesteps(), vec(&f["linear.timesteps"]).as_slice(), "linear schedule");
+    assert_eq!(
+        s.timesteps(),
+        vec(&f["linear.timesteps"]).as_slice(),
+        "linear schedule"
+    );
 }
 
 #[test]
@@ -51,10 +62,15 @@ fn step_with_recorded_noise_matches_diffusers() {
             let noise = &f[&format!("{label}.noise.{i}")];
             x = sched.step(eps, t, &x, noise).unwrap();
             // compare every step, not only the end, so an error cannot cancel out
-            let report = wuerstchen::parity::compare(&x, &f[&format!("{label}.x.{}", i + 1)]).unwrap();
+            let report =
+                wuerstchen::parity::compare(&x, &f[&format!("{label}.x.{}", i + 1)]).unwrap();
             assert!(report.passes(), "{label} step {i} (t = {t}): {report}");
         }
-        assert_parity(&format!("{label} schedule, final sample"), &x, &f[&format!("{label}.x.{}", ts.len() - 1)]);
+        assert_parity(
+            &format!("{label} schedule, final sample"),
+            &x,
+            &f[&format!("{label}.x.{}", ts.len() - 1)],
+        );
     }
 }
 
@@ -62,9 +78,17 @@ fn step_with_recorded_noise_matches_diffusers() {
 fn add_noise_matches() {
     let f = load(&fixtures().join("scheduler/scheduler.safetensors"));
     let sched = DdpmWuerstchenScheduler::new(SchedulerConfig::default());
-    let got = sched.add_noise(&f["add_noise.x0"], &f["add_noise.noise"], &vec(&f["add_noise.t"])).unwrap();
+    let got = sched
+        .add_noise(
+            &f["add_noise.x0"],
+            &f["add_noise.noise"],
+            &vec(&f["add_noise.t"]),
+        )
+        .unwrap();
     assert_parity("add_noise", &got, &f["add_noise.out"]);
-    assert!(sched.add_noise(&f["add_noise.x0"], &f["add_noise.noise"], &[0.5]).is_err());
+    assert!(sched
+        .add_noise(&f["add_noise.x0"], &f["add_noise.noise"], &[0.5])
+        .is_err());
 }
 
 #[test]

@@ -34,7 +34,10 @@ fn check(tok: &ClipTokenizer, layout: &str) {
         }
     }
     assert!(long >= 1, "no prompt reached the 77-token limit");
-    println!("{layout}: {} prompts identical to transformers", cases.len());
+    println!(
+        "{layout}: {} prompts identical to transformers",
+        cases.len()
+    );
 }
 
 #[test]
@@ -47,7 +50,9 @@ fn vocab_and_merges_match_transformers() {
 fn tokenizer_json_matches_transformers() {
     let gz = std::fs::read(fixtures().join("tokenizer/json/tokenizer.json.gz")).unwrap();
     let mut json = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut json).unwrap();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut json)
+        .unwrap();
     let dir = std::env::temp_dir().join(format!("wuerstchen-tok-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("tokenizer.json"), json).unwrap();
@@ -68,6 +73,12 @@ fn batch_encoding_equals_single() {
 
 #[test]
 fn missing_tokenizer_files_are_named() {
-    let err = ClipTokenizer::from_dir(&fixtures().join("prior_a")).err().unwrap().to_string();
-    assert!(err.contains("tokenizer.json") && err.contains("vocab.json"), "{err}");
+    let err = ClipTokenizer::from_dir(&fixtures().join("prior_a"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("vocab.json"),
+        "{err}"
+    );
 }

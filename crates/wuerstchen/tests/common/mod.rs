@@ -12,8 +12,12 @@ pub fn fixtures() -> PathBuf {
 }
 
 pub fn load(path: &std::path::Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e} (run scripts/make_fixtures.py)", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| {
+        panic!(
+            "cannot read fixture {}: {e} (run scripts/make_fixtures.py)",
+            path.display()
+        )
+    })
 }
 
 /// Asserts parity within the project bound and prints the report line.

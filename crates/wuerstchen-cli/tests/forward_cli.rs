@@ -1,0 +1,179 @@
+//! `wuerstchen forward`, the contract of issue 2, run as a user runs it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wuerstchen-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn forward(component: &str, model: &Path, inputs: &Path, output: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
+        .args(["forward", component, "--model"])
+        .arg(model)
+        .arg("--inputs")
+        .arg(inputs)
+        .arg("--output")
+        .arg(output)
+        .output()
+        .unwrap()
+}
+
+fn component_of(case: &str) -> String {
+    let text = std::fs::read_to_string(fixtures().join(case).join("fixture.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["component"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn every_component_matches_its_fixture_through_the_binary() {
+    let dir = scratch("ok");
+    for case in [
+        "prior_b",
+        "decoder_b",
+        "vqgan_a_decode",
+        "vqgan_b_encode",
+        "text_encoder_a",
+    ] {
+        let f = fixtures().join(case);
+        let out = dir.join(format!("{case}.safetensors"));
+        let res = forward(
+            &component_of(case),
+            &f.join("model"),
+            &f.join("inputs.safetensors"),
+            &out,
+        );
+        assert!(
+            res.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        assert_eq!(got.len(), 1, "only `output` is written");
+        let got = &got["output"];
+        assert_eq!(got.dtype(), DType::F32);
+        let want = &candle_core::safetensors::load(f.join("expected.safetensors"), &Device::Cpu)
+            .unwrap()["output"];
+        let report = wuerstchen::parity::compare(got, want).unwrap();
+        println!("{case:<20} {report}");
+        assert!(report.passes(), "{case}: {report}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Runs a failing case: non-zero exit, a message containing `needle`, no output file.
+fn assert_fails(component: &str, model: &Path, inputs: &Path, needle: &str) {
+    let dir = scratch(&format!("fail-{}", needle.len()));
+    let out = dir.join("out.safetensors");
+    let res = forward(component, model, inputs, &out);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "should fail: {component}");
+    assert!(
+        stderr.contains(needle),
+        "message should mention {needle:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "no output (or temp file) may be left behind"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn write_inputs(path: &Path, tensors: Vec<(&str, Tensor)>) {
+    let map: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    candle_core::safetensors::save(&map, path).unwrap();
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let dev = Device::Cpu;
+    let prior = fixtures().join("prior_a");
+    let dir = scratch("inputs");
+
+    assert_fails(
+        "nonsense",
+        &prior.join("model"),
+        &prior.join("inputs.safetensors"),
+        "unknown component",
+    );
+    assert_fails(
+        "prior",
+        Path::new("/no/such/prior"),
+        &prior.join("inputs.safetensors"),
+        "/no/such/prior",
+    );
+    assert_fails(
+        "prior",
+        &prior.join("model"),
+        &dir.join("absent.safetensors"),
+        "absent.safetensors",
+    );
+
+    // a missing input tensor is named
+    let only_x = dir.join("only_x.safetensors");
+    write_inputs(
+        &only_x,
+        vec![("x", Tensor::zeros((1, 16, 4, 4), DType::F32, &dev).unwrap())],
+    );
+    assert_fails("prior", &prior.join("model"), &only_x, "`r`");
+
+    // wrong channel count is named with the config value
+    let wrong = dir.join("wrong.safetensors");
+    write_inputs(
+        &wrong,
+        vec![
+            ("x", Tensor::zeros((1, 7, 4, 4), DType::F32, &dev).unwrap()),
+            ("r", Tensor::zeros(1, DType::F32, &dev).unwrap()),
+            ("c", Tensor::zeros((1, 77, 24), DType::F32, &dev).unwrap()),
+        ],
+    );
+    assert_fails("prior", &prior.join("model"), &wrong, "c_in is 16");
+
+    // token ids outside the vocabulary
+    let te = fixtures().join("text_encoder_b");
+    let ids = dir.join("ids.safetensors");
+    write_inputs(
+        &ids,
+        vec![
+            ("input_ids", Tensor::full(5000i64, (1, 77), &dev).unwrap()),
+            (
+                "attention_mask",
+                Tensor::ones((1, 77), DType::I64, &dev).unwrap(),
+            ),
+        ],
+    );
+    assert_fails(
+        "text-encoder",
+        &te.join("model"),
+        &ids,
+        "outside the vocabulary",
+    );
+
+    // a decoder input whose size the UNet cannot halve
+    let dec = fixtures().join("decoder_a");
+    let mut t = candle_core::safetensors::load(dec.join("inputs.safetensors"), &dev).unwrap();
+    t.insert(
+        "x".into(),
+        Tensor::zeros((2, 4, 20, 40), DType::F32, &dev).unwrap(),
+    );
+    let odd = dir.join("odd.safetensors");
+    candle_core::safetensors::save(&t, &odd).unwrap();
+    assert_fails("decoder", &dec.join("model"), &odd, "multiples of 8");
+
+    std::fs::remove_dir_all(dir).unwrap();
+}
