@@ -265,8 +265,13 @@ def tokenizer_fixture():
     vocab, merges = clip_vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    # as the hub's tokenizer_config.json: the pipelines truncate to model_max_length
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>"}, indent=2) + "\n")
     tok = CLIPTokenizer.from_pretrained(str(folder))
-    assert len(tok) == 49408, len(tok)
+    assert len(tok) == 49408 and tok.model_max_length == 77, (len(tok), tok.model_max_length)
     json_dir = folder / "json"
     tok.save_pretrained(str(json_dir))
     for extra in ("vocab.json", "merges.txt"):
@@ -380,6 +385,130 @@ def full_size_layouts():
     write_header(folder, component="full-size state-dict layouts")
 
 
+# ---------------------------------------------------------------- whole pipelines
+PIPELINE_CASES = [
+    # guidance on both stages with a negative prompt, default 29-call prior schedule,
+    # non-square
+    dict(name="cfg_both_stages", prompt="a red circle on a blue background", negative_prompt="blurry, low quality",
+         width=256, height=128, num_images=1, prior_steps=None, prior_guidance=4.0, decoder_steps=3,
+         decoder_guidance=2.0),
+    # two images per prompt, linear prior schedule, no decoder guidance
+    dict(name="two_images_linear", prompt="Anthropomorphic dog wearing a hat, 4k", negative_prompt="",
+         width=128, height=256, num_images=2, prior_steps=4, prior_guidance=4.0, decoder_steps=2,
+         decoder_guidance=0.0),
+    # a prompt over 77 tokens, no guidance anywhere (negative prompt unused)
+    dict(name="long_prompt_no_guidance", prompt=" ".join(["a very long prompt that keeps going"] * 20),
+         negative_prompt="ignored", width=128, height=128, num_images=1, prior_steps=3, prior_guidance=1.0,
+         decoder_steps=2, decoder_guidance=1.0),
+]
+
+
+def pipeline_fixtures(gen):
+    """Two tiny diffusers pipeline folders and full runs on them with the noise they
+    drew, in the layout `wuerstchen generate --noise` replays."""
+    from diffusers.pipelines.deprecated.wuerstchen import pipeline_wuerstchen, pipeline_wuerstchen_prior
+    from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen import WuerstchenDecoderPipeline
+    from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import (
+        DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPriorPipeline)
+    from diffusers.schedulers import scheduling_ddpm_wuerstchen
+    from diffusers.utils.torch_utils import randn_tensor
+
+    root = OUT / "pipeline"
+    if root.exists():
+        shutil.rmtree(root)
+    tok = CLIPTokenizer.from_pretrained(str(OUT / "tokenizer"))
+
+    def text_encoder(hidden, layers, heads):
+        cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 3,
+                             num_hidden_layers=layers, num_attention_heads=heads, hidden_act="gelu")
+        model = redraw_(CLIPTextModel(cfg), gen)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
+        return model
+
+    prior = redraw_(WuerstchenPrior(c_in=16, c=32, c_cond=16, c_r=16, depth=2, nhead=4, dropout=0.1), gen,
+                    damp=("out.1",))
+    prior_te = text_encoder(16, 2, 2)
+    decoder = redraw_(WuerstchenDiffNeXt(c_in=4, c_out=4, c_r=12, patch_size=2, c_cond=16, c_hidden=[16, 24, 32],
+                                         nhead=[-1, 4, 4], blocks=[1, 1, 1], level_config=["CT", "CTA", "CTA"],
+                                         inject_effnet=[False, True, True], effnet_embd=16, clip_embd=8,
+                                         kernel_size=3, dropout=0.1), gen, damp=("clf.1",))
+    decoder_te = text_encoder(8, 1, 2)
+    vqgan = redraw_(PaellaVQModel(levels=2, bottleneck_blocks=1, embed_dim=16, latent_channels=4,
+                                  num_vq_embeddings=32), gen, damp=("out_block.0",))
+    with torch.no_grad():
+        # images around mid-grey with visible structure, not clipped to 0 / 1
+        vqgan.out_block[0].bias.fill_(0.5)
+        vqgan.out_block[0].weight.mul_(0.5)
+    scheduler = DDPMWuerstchenScheduler()
+    prior_pipe = WuerstchenPriorPipeline(tokenizer=tok, text_encoder=prior_te, prior=prior, scheduler=scheduler)
+    decoder_pipe = WuerstchenDecoderPipeline(tokenizer=tok, text_encoder=decoder_te, decoder=decoder,
+                                             scheduler=scheduler, vqgan=vqgan)
+
+    def save_pipeline(folder, pipe, parts):
+        folder.mkdir(parents=True)
+        for part in parts:
+            component = getattr(pipe, part)
+            component.save_pretrained(folder / part, safe_serialization=True)
+            if part == "text_encoder":
+                # stored in f16 with the hub's `text_model.` prefix, as the official repos
+                sd = {"text_model." + k: v.half().contiguous() for k, v in component.state_dict().items()}
+                save_file(sd, folder / part / "model.safetensors", metadata={"format": "pt"})
+        # the tokenizer of the tokenizer fixture (vocab.json + merges.txt), linked
+        os.symlink("../../tokenizer", folder / "tokenizer")
+        index = {k: v for k, v in dict(pipe.config).items()}
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    save_pipeline(root / "prior", prior_pipe, ["prior", "text_encoder", "scheduler"])
+    save_pipeline(root / "decoder", decoder_pipe, ["decoder", "vqgan", "text_encoder", "scheduler"])
+
+    draws = []
+
+    def recording_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        t = randn_tensor(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+        draws.append(t.clone())
+        return t
+
+    for module in (pipeline_wuerstchen, pipeline_wuerstchen_prior, scheduling_ddpm_wuerstchen):
+        module.randn_tensor = recording_randn
+
+    for case in PIPELINE_CASES:
+        draws.clear()
+        generator = torch.Generator().manual_seed(len(case["name"]))
+        with torch.no_grad():
+            prior_kwargs = (dict(timesteps=DEFAULT_STAGE_C_TIMESTEPS) if case["prior_steps"] is None
+                            else dict(num_inference_steps=case["prior_steps"]))
+            embeddings = prior_pipe(prompt=case["prompt"], negative_prompt=case["negative_prompt"],
+                                    height=case["height"], width=case["width"],
+                                    num_images_per_prompt=case["num_images"],
+                                    guidance_scale=case["prior_guidance"], generator=generator,
+                                    output_type="pt", return_dict=False, **prior_kwargs)[0]
+            prior_calls = len(prior_pipe.scheduler.timesteps) - 1
+            images = decoder_pipe(image_embeddings=embeddings, prompt=case["prompt"],
+                                  negative_prompt=case["negative_prompt"],
+                                  num_inference_steps=case["decoder_steps"],
+                                  guidance_scale=case["decoder_guidance"], generator=generator,
+                                  output_type="np").images
+        assert len(draws) == 2 + prior_calls + case["decoder_steps"], len(draws)
+        noise = {"prior.init": draws[0]}
+        noise.update({f"prior.step.{i}": draws[1 + i] for i in range(prior_calls)})
+        noise["decoder.init"] = draws[1 + prior_calls]
+        noise.update({f"decoder.step.{i}": draws[2 + prior_calls + i] for i in range(case["decoder_steps"])})
+        folder = root / case["name"]
+        folder.mkdir(parents=True)
+        save_file({k: v.float().contiguous() for k, v in noise.items()}, folder / "noise.safetensors")
+        save_file({"image_embeddings": embeddings.contiguous(),
+                   "images": torch.from_numpy(images).contiguous()}, folder / "debug.safetensors")
+        for i, pil in enumerate(decoder_pipe.numpy_to_pil(images)):
+            pil.save(folder / f"expected-{i}.png")
+        (folder / "params.json").write_text(json.dumps(case, indent=2) + "\n")
+        write_header(folder, component="pipeline", prior_calls=prior_calls)
+        arr = (images * 255).round()
+        print(f"pipeline {case['name']}: {images.shape}, {prior_calls} prior calls, "
+              f"8-bit mean {arr.mean():.1f}, saturated {((arr == 0) | (arr == 255)).mean():.1%}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=20240117)
@@ -395,6 +524,7 @@ def main():
     vqgan_cases(gen)
     text_encoder_cases(gen, tok)
     full_size_layouts()
+    pipeline_fixtures(gen)
 
 
 if __name__ == "__main__":
