@@ -9,6 +9,8 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use wuerstchen::forward::{run_forward, Component};
 
+mod generate;
+
 #[derive(Parser)]
 #[command(
     name = "wuerstchen",
@@ -36,11 +38,67 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
-    /// Generate an image from a prompt.
-    Generate {
-        /// The prompt.
-        prompt: Option<String>,
+    /// Generate images from a prompt: Stage C prior -> Stage B decoder -> Stage A.
+    Generate(GenerateArgs),
+    /// Print the generation parameters stored in a PNG written by `generate`.
+    Inspect {
+        /// The PNG file.
+        file: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The prompt (or --prompt).
+    #[arg(value_name = "PROMPT")]
+    positional_prompt: Option<String>,
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Used where guidance is on (> 1).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Pixels, a multiple of 128.
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    /// Pixels, a multiple of 128.
+    #[arg(long, default_value_t = 1024)]
+    height: usize,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Default: random, printed and stored in the PNG.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Linear prior schedule of N calls; default: the 29-call DEFAULT_STAGE_C_TIMESTEPS.
+    #[arg(long)]
+    prior_steps: Option<usize>,
+    #[arg(long, default_value_t = 4.0)]
+    prior_guidance: f64,
+    #[arg(long, default_value_t = 12)]
+    decoder_steps: usize,
+    #[arg(long, default_value_t = 0.0)]
+    decoder_guidance: f64,
+    /// Prior pipeline folder (prior/, text_encoder/, tokenizer/, scheduler/).
+    #[arg(long)]
+    prior: Option<PathBuf>,
+    /// Decoder pipeline folder (decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/).
+    #[arg(long)]
+    decoder: Option<PathBuf>,
+    /// Replay: every random draw comes from this safetensors file (--seed is ignored).
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// f32 | f16 | bf16
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu | cuda | cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output PNG; with several images the stem gets -0, -1, ...
+    #[arg(long, default_value = "out.png")]
+    out: PathBuf,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -52,10 +110,8 @@ fn main() -> ExitCode {
             inputs,
             output,
         } => forward(&component, &model, &inputs, &output),
-        Command::Generate { .. } => Err(anyhow::anyhow!(
-            "no model yet: the text-to-image pipeline is not built (see issue 3); \
-             `wuerstchen forward` runs single components"
-        )),
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect { file } => inspect(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,31 +127,17 @@ fn forward(component: &str, model: &Path, inputs: &Path, output: &Path) -> Resul
     let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(inputs, &Device::Cpu)
         .with_context(|| format!("cannot read inputs from {}", inputs.display()))?;
     let out = run_forward(component, model, &tensors, &Device::Cpu)?;
-    write_atomically(output, |tmp| {
-        candle_core::safetensors::save(&HashMap::from([("output".to_string(), out)]), tmp)?;
-        Ok(())
-    })
+    let bytes = safetensors::serialize([("output", out)], None)?;
+    wuerstchen::image_io::write_atomically(output, &bytes)?;
+    Ok(())
 }
 
-/// Writes through a temporary file in the same folder and renames it into place, so a
-/// failed run never leaves a partial output behind.
-fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = write(&tmp).and_then(|()| {
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot move output into {}", path.display()))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+fn inspect(file: &Path) -> Result<()> {
+    match wuerstchen::image_io::read_parameters(file)? {
+        Some(text) => {
+            println!("{text}");
+            Ok(())
+        }
+        None => anyhow::bail!("{} has no `parameters` text chunk", file.display()),
     }
-    result.with_context(|| format!("cannot write {}", path.display()))
 }

@@ -48,6 +48,13 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// A generation parameter out of range: names the field, the limit and the value.
+    #[error("{0}")]
+    InvalidParameter(String),
+
+    #[error("canceled")]
+    Canceled,
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -1,0 +1,226 @@
+//! `wuerstchen generate`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use wuerstchen::hub;
+use wuerstchen::image_io::{encode_png, write_atomically};
+use wuerstchen::noise::NoiseSource;
+use wuerstchen::pipeline::{GenerationParams, Progress, Stage, WuerstchenPipeline};
+
+use crate::GenerateArgs;
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let prompt = match (args.positional_prompt, args.prompt) {
+        (Some(_), Some(_)) => {
+            bail!("give the prompt once: as the positional PROMPT or with --prompt")
+        }
+        (a, b) => a.or(b).unwrap_or_default(),
+    };
+    let mut params = GenerationParams {
+        prompt,
+        negative_prompt: args.negative_prompt,
+        width: args.width,
+        height: args.height,
+        num_images: args.num_images,
+        seed: args.seed,
+        prior_steps: args.prior_steps,
+        prior_guidance: args.prior_guidance,
+        decoder_steps: args.decoder_steps,
+        decoder_guidance: args.decoder_guidance,
+    };
+    // everything that can be checked without weights, first
+    params.validate()?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let device = parse_device(&args.device)?;
+    let (prior_dir, decoder_dir) = locate_models(args.prior, args.decoder)?;
+    let pipeline = WuerstchenPipeline::open(&prior_dir, &decoder_dir, device, dtype)?;
+    let outputs = output_paths(&args.out, params.num_images);
+
+    let mut noise = match &args.noise {
+        Some(path) => NoiseSource::from_file(path)?,
+        None => {
+            let seed = *params.seed.get_or_insert_with(random_seed);
+            eprintln!("seed {seed}");
+            NoiseSource::seeded(seed)
+        }
+    };
+    noise.check(&pipeline.planned_draws(&params)?)?;
+    let seed = if args.noise.is_some() {
+        None
+    } else {
+        params.seed
+    };
+
+    let started = Instant::now();
+    let mut bar = StageBars::new(args.quiet);
+    let images = pipeline.generate(&params, &mut noise, &mut |p| bar.update(p), &|| false)?;
+    bar.finish();
+
+    let text = params.parameters_text(seed, &pipeline.model_name());
+    for (image, path) in images.iter().zip(&outputs) {
+        let png = encode_png(image, Some(&text))?;
+        write_atomically(path, &png).with_context(|| format!("cannot write {}", path.display()))?;
+        if !args.quiet {
+            eprintln!(
+                "wrote {} ({}x{})",
+                path.display(),
+                image.width,
+                image.height
+            );
+        }
+    }
+    if !args.quiet {
+        eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("--dtype {other:?} is not one of f32, f16, bf16"),
+    })
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("--device {s:?}: expected cpu, cuda or cuda:N"))?,
+        None => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!("--device {s}: this binary was built without CUDA (rebuild with --features cuda)");
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// `--prior/--decoder`, else the official pipelines in the Hugging Face cache.
+fn locate_models(prior: Option<PathBuf>, decoder: Option<PathBuf>) -> Result<(PathBuf, PathBuf)> {
+    if let (Some(p), Some(d)) = (&prior, &decoder) {
+        return Ok((p.clone(), d.clone()));
+    }
+    let cache = hub::cache_dir();
+    let found_prior = prior.or_else(|| {
+        cache
+            .as_ref()
+            .and_then(|c| hub::cached_snapshot(c, hub::PRIOR_REPO, "prior"))
+    });
+    let found_decoder = decoder.or_else(|| {
+        cache
+            .as_ref()
+            .and_then(|c| hub::cached_snapshot(c, hub::DECODER_REPO, "decoder"))
+    });
+    match (found_prior, found_decoder) {
+        (Some(p), Some(d)) => Ok((p, d)),
+        (p, d) => {
+            let looked = cache
+                .map(|c| c.display().to_string())
+                .unwrap_or_else(|| "(no cache folder)".into());
+            let mut missing = Vec::new();
+            if p.is_none() {
+                missing.push(format!(
+                    "--prior DIR (a {} folder: prior/, text_encoder/, tokenizer/, scheduler/)",
+                    hub::PRIOR_REPO
+                ));
+            }
+            if d.is_none() {
+                missing.push(format!(
+                    "--decoder DIR (a {} folder: decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/)",
+                    hub::DECODER_REPO
+                ));
+            }
+            bail!(
+                "no model found: pass {}; looked in the Hugging Face cache at {looked}",
+                missing.join(" and ")
+            )
+        }
+    }
+}
+
+/// `out.png` for one image; `out-0.png`, `out-1.png`, ... in the same folder for more.
+fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = out
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    (0..n)
+        .map(|i| out.with_file_name(format!("{stem}-{i}{ext}")))
+        .collect()
+}
+
+/// A seed from the OS's hash randomness: no extra dependency, different every run.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() >> 11 // keep it exactly representable as f64 / JSON number
+}
+
+/// One progress bar per denoising stage, with it/s.
+struct StageBars {
+    quiet: bool,
+    current: Option<(Stage, ProgressBar)>,
+}
+
+impl StageBars {
+    fn new(quiet: bool) -> Self {
+        Self {
+            quiet,
+            current: None,
+        }
+    }
+
+    fn update(&mut self, p: Progress) {
+        if self.quiet {
+            return;
+        }
+        if self.current.as_ref().map(|(s, _)| *s) != Some(p.stage) {
+            self.finish();
+            let bar = ProgressBar::new(p.total as u64);
+            let label = match p.stage {
+                Stage::Prior => "prior  ",
+                Stage::Decoder => "decoder",
+            };
+            bar.set_style(
+                ProgressStyle::with_template(&format!(
+                    "{label} {{bar:30}} {{pos}}/{{len}} [{{elapsed}}, {{per_sec}}]"
+                ))
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            self.current = Some((p.stage, bar));
+        }
+        if let Some((_, bar)) = &self.current {
+            bar.set_position(p.step as u64);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some((_, bar)) = self.current.take() {
+            bar.finish();
+        }
+    }
+}

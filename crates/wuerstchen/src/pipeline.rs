@@ -1,0 +1,500 @@
+//! The text-to-image pipeline: Stage C prior -> Stage B decoder -> Stage A, as
+//! diffusers' `WuerstchenCombinedPipeline` runs it.
+//!
+//! Weights are loaded one stage at a time and dropped after use, so the peak memory is
+//! that of the largest stage, not of all of them.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::clip::ClipTextModel;
+use crate::config::{load_json, DiffNeXtConfig, PriorConfig, SchedulerConfig};
+use crate::error::{Error, Result};
+use crate::image_io::{tensor_to_images, RgbImage};
+use crate::noise::{Draw, NoiseSource};
+use crate::scheduler::{default_stage_c_timesteps, DdpmWuerstchenScheduler};
+use crate::stage_a::PaellaVQModel;
+use crate::stage_b::WuerstchenDiffNeXt;
+use crate::stage_c::WuerstchenPrior;
+use crate::tokenizer::ClipTokenizer;
+
+pub const SIZE_MULTIPLE: usize = 128;
+pub const MIN_SIZE: usize = 128;
+pub const MAX_SIZE: usize = 4096;
+pub const MAX_IMAGES: usize = 16;
+pub const MAX_STEPS: usize = 1000;
+/// Calls of the default Stage C schedule.
+pub const DEFAULT_PRIOR_CALLS: usize = 29;
+
+/// Everything that decides an image. The CLI flags, the server's inputs and the PNG
+/// `parameters` text are all this struct.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerationParams {
+    pub prompt: String,
+    /// Used only where guidance is on (> 1).
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    /// Images per prompt.
+    pub num_images: usize,
+    /// None: a random seed, chosen at run time and reported.
+    pub seed: Option<u64>,
+    /// None: DEFAULT_STAGE_C_TIMESTEPS (29 calls); Some(n): linspace(1, 0, n + 1).
+    pub prior_steps: Option<usize>,
+    pub prior_guidance: f64,
+    pub decoder_steps: usize,
+    pub decoder_guidance: f64,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            width: 1024,
+            height: 1024,
+            num_images: 1,
+            seed: None,
+            prior_steps: None,
+            prior_guidance: 4.0,
+            decoder_steps: 12,
+            decoder_guidance: 0.0,
+        }
+    }
+}
+
+impl GenerationParams {
+    /// Checks every field; each error names the field, the limit and the value given.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidParameter(m));
+        if self.prompt.trim().is_empty() {
+            return bad("prompt is empty: give a prompt (positional argument or --prompt)".into());
+        }
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if v % SIZE_MULTIPLE != 0 {
+                let lower = (v / SIZE_MULTIPLE).max(1) * SIZE_MULTIPLE;
+                return bad(format!(
+                    "{name} {v} is not a multiple of {SIZE_MULTIPLE} (try {lower})"
+                ));
+            }
+            if !(MIN_SIZE..=MAX_SIZE).contains(&v) {
+                return bad(format!("{name} {v} is outside {MIN_SIZE}..={MAX_SIZE}"));
+            }
+        }
+        if !(1..=MAX_IMAGES).contains(&self.num_images) {
+            return bad(format!(
+                "num_images {} is outside 1..={MAX_IMAGES}",
+                self.num_images
+            ));
+        }
+        for (name, v) in [
+            ("prior_steps", self.prior_steps),
+            ("decoder_steps", Some(self.decoder_steps)),
+        ] {
+            if let Some(v) = v {
+                if !(1..=MAX_STEPS).contains(&v) {
+                    return bad(format!("{name} {v} is outside 1..={MAX_STEPS}"));
+                }
+            }
+        }
+        for (name, v) in [
+            ("prior_guidance", self.prior_guidance),
+            ("decoder_guidance", self.decoder_guidance),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return bad(format!("{name} {v} must be a number >= 0"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn prior_calls(&self) -> usize {
+        self.prior_steps.unwrap_or(DEFAULT_PRIOR_CALLS)
+    }
+
+    /// The PNG `parameters` text in Automatic1111's layout: prompt line, negative prompt
+    /// line, then `key: value` pairs.
+    pub fn parameters_text(&self, seed: Option<u64>, model: &str) -> String {
+        let mut s = format!(
+            "{}\nNegative prompt: {}\n",
+            self.prompt, self.negative_prompt
+        );
+        s += &format!(
+            "Steps: {}, CFG scale: {}, ",
+            self.prior_calls(),
+            self.prior_guidance
+        );
+        match seed {
+            Some(seed) => s += &format!("Seed: {seed}, "),
+            None => s += "Seed: none (noise file), ",
+        }
+        s += &format!("Size: {}x{}, Model: {model}, ", self.width, self.height);
+        s += &format!(
+            "Prior schedule: {}, Decoder steps: {}, Decoder CFG scale: {}, Images: {}",
+            if self.prior_steps.is_some() {
+                "linear"
+            } else {
+                "default"
+            },
+            self.decoder_steps,
+            self.decoder_guidance,
+            self.num_images
+        );
+        s
+    }
+}
+
+/// The pipeline-level numbers of the prior folder's `model_index.json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct PriorPipelineConfig {
+    pub latent_mean: f64,
+    pub latent_std: f64,
+    pub resolution_multiple: f64,
+}
+
+impl Default for PriorPipelineConfig {
+    fn default() -> Self {
+        Self {
+            latent_mean: 42.0,
+            latent_std: 1.0,
+            resolution_multiple: 42.67,
+        }
+    }
+}
+
+/// The pipeline-level numbers of the decoder folder's `model_index.json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DecoderPipelineConfig {
+    pub latent_dim_scale: f64,
+}
+
+impl Default for DecoderPipelineConfig {
+    fn default() -> Self {
+        Self {
+            latent_dim_scale: 10.67,
+        }
+    }
+}
+
+/// Latent and image sizes of one generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// Stage C latent (ph, pw)
+    pub prior: (usize, usize),
+    /// Stage B latent (dh, dw)
+    pub decoder: (usize, usize),
+    /// output image (height, width)
+    pub image: (usize, usize),
+}
+
+/// Which part of the run a progress report is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Prior,
+    Decoder,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub stage: Stage,
+    /// 1-based step just finished
+    pub step: usize,
+    pub total: usize,
+}
+
+/// A prior folder and a decoder folder in diffusers' layout.
+#[derive(Debug, Clone)]
+pub struct WuerstchenPipeline {
+    pub prior_dir: PathBuf,
+    pub decoder_dir: PathBuf,
+    pub prior_config: PriorPipelineConfig,
+    pub decoder_config: DecoderPipelineConfig,
+    prior_c_in: usize,
+    decoder: DiffNeXtConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+fn require_dirs(root: &Path, flag: &str, parts: &[&str]) -> Result<()> {
+    if !root.is_dir() {
+        return Err(Error::InvalidInput(format!(
+            "{flag} {}: no such folder (pass a diffusers pipeline folder)",
+            root.display()
+        )));
+    }
+    for part in parts {
+        if !root.join(part).is_dir() {
+            return Err(Error::InvalidInput(format!(
+                "{flag} {}: no {part}/ folder (a {} folder holds {})",
+                root.display(),
+                flag.trim_start_matches('-'),
+                parts
+                    .iter()
+                    .map(|p| format!("{p}/"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn optional_json<T: Default + serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    if path.is_file() {
+        load_json(path)
+    } else {
+        Ok(T::default())
+    }
+}
+
+impl WuerstchenPipeline {
+    /// Reads the folders' configs (no weights yet) and checks their layout.
+    pub fn open(
+        prior_dir: &Path,
+        decoder_dir: &Path,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        require_dirs(
+            prior_dir,
+            "--prior",
+            &["prior", "text_encoder", "tokenizer"],
+        )?;
+        require_dirs(
+            decoder_dir,
+            "--decoder",
+            &["decoder", "vqgan", "text_encoder", "tokenizer"],
+        )?;
+        let prior: PriorConfig = crate::config::load_config(&prior_dir.join("prior/config.json"))?;
+        let decoder: DiffNeXtConfig =
+            crate::config::load_config(&decoder_dir.join("decoder/config.json"))?;
+        Ok(Self {
+            prior_config: optional_json(&prior_dir.join("model_index.json"))?,
+            decoder_config: optional_json(&decoder_dir.join("model_index.json"))?,
+            prior_dir: prior_dir.to_path_buf(),
+            decoder_dir: decoder_dir.to_path_buf(),
+            prior_c_in: prior.c_in,
+            decoder,
+            device,
+            dtype,
+        })
+    }
+
+    /// A short name for the PNG metadata: the folder name of the prior.
+    pub fn model_name(&self) -> String {
+        self.prior_dir
+            .canonicalize()
+            .unwrap_or_else(|_| self.prior_dir.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "wuerstchen".into())
+    }
+
+    pub fn sizes(&self, params: &GenerationParams) -> Result<Sizes> {
+        let m = self.prior_config.resolution_multiple;
+        let ph = (params.height as f64 / m).ceil() as usize;
+        let pw = (params.width as f64 / m).ceil() as usize;
+        let s = self.decoder_config.latent_dim_scale;
+        let (dh, dw) = ((ph as f64 * s) as usize, (pw as f64 * s) as usize);
+        let multiple = self.decoder.patch_size << (self.decoder.c_hidden.len() - 1);
+        if dh % multiple != 0 || dw % multiple != 0 || dh == 0 || dw == 0 {
+            return Err(Error::InvalidParameter(format!(
+                "size {}x{} gives a {dh}x{dw} decoder latent, which must be a non-zero multiple of {multiple} \
+                 (choose a multiple of {SIZE_MULTIPLE})",
+                params.width, params.height
+            )));
+        }
+        Ok(Sizes {
+            prior: (ph, pw),
+            decoder: (dh, dw),
+            image: (dh * 4, dw * 4),
+        })
+    }
+
+    /// Every random draw the run will make, in order, with its shape.
+    pub fn planned_draws(&self, params: &GenerationParams) -> Result<Vec<(Draw, Vec<usize>)>> {
+        let s = self.sizes(params)?;
+        let b = params.num_images;
+        let p = vec![b, self.prior_c_in, s.prior.0, s.prior.1];
+        let d = vec![b, self.decoder.c_in, s.decoder.0, s.decoder.1];
+        let mut draws = vec![(Draw::PriorInit, p.clone())];
+        draws.extend((0..params.prior_calls()).map(|i| (Draw::PriorStep(i), p.clone())));
+        draws.push((Draw::DecoderInit, d.clone()));
+        draws.extend((0..params.decoder_steps).map(|i| (Draw::DecoderStep(i), d.clone())));
+        Ok(draws)
+    }
+
+    /// Text embeddings (B, 77, D) in f32: `num_images` copies of the prompt's, followed,
+    /// when `guidance` is on, by as many of the negative prompt's.
+    fn encode_text(
+        &self,
+        root: &Path,
+        params: &GenerationParams,
+        guidance: bool,
+    ) -> Result<Tensor> {
+        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+        let (encoder, _) =
+            ClipTextModel::load(&root.join("text_encoder"), DType::F32, &self.device)?;
+        let mut prompts = vec![params.prompt.as_str()];
+        if guidance {
+            prompts.push(params.negative_prompt.as_str());
+        }
+        let batch = tokenizer.encode_batch(&prompts)?;
+        let dev = &self.device;
+        let ids = Tensor::new(batch.input_ids, dev)?;
+        let mask = Tensor::new(batch.attention_mask, dev)?;
+        let hidden = encoder.forward(&ids, &mask)?; // (1 or 2, 77, D)
+        let b = params.num_images;
+        let (_, l, d) = hidden.dims3()?;
+        // each row repeated num_images times: [cond x B, uncond x B]
+        Ok(hidden
+            .unsqueeze(1)?
+            .broadcast_as((prompts.len(), b, l, d))?
+            .reshape((prompts.len() * b, l, d))?)
+    }
+
+    /// Runs the whole pipeline. `progress` is called after every denoising step;
+    /// `cancel` is checked between steps.
+    pub fn generate(
+        &self,
+        params: &GenerationParams,
+        noise: &mut NoiseSource,
+        progress: &mut dyn FnMut(Progress),
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Vec<RgbImage>> {
+        params.validate()?;
+        let draws = self.planned_draws(params)?;
+        noise.check(&draws)?;
+        let sizes = self.sizes(params)?;
+        let dev = self.device.clone();
+        let b = params.num_images;
+
+        // ---- Stage C: text -> semantic latents
+        let prior_cfg = params.prior_guidance > 1.0;
+        let text = self
+            .encode_text(&self.prior_dir, params, prior_cfg)?
+            .to_dtype(self.dtype)?;
+        let (prior, _) = WuerstchenPrior::load(&self.prior_dir.join("prior"), self.dtype, &dev)?;
+        let mut sched = self.scheduler(&self.prior_dir)?;
+        match params.prior_steps {
+            Some(n) => sched.set_steps(n),
+            None => sched.set_timesteps(default_stage_c_timesteps()),
+        }
+        let shape = [b, self.prior_c_in, sizes.prior.0, sizes.prior.1];
+        let mut latents = noise.draw(Draw::PriorInit, &shape, &dev)?;
+        let timesteps = sched.timesteps().to_vec();
+        let calls = timesteps.len() - 1;
+        for (i, &t) in timesteps[..calls].iter().enumerate() {
+            if cancel() {
+                return Err(Error::Canceled);
+            }
+            let eps = guided(
+                prior_cfg,
+                params.prior_guidance,
+                &latents,
+                t,
+                self.dtype,
+                |x, r| prior.forward(x, r, &text),
+            )?;
+            let z = noise.draw(Draw::PriorStep(i), &shape, &dev)?;
+            latents = sched.step(&eps, t, &latents, &z)?;
+            progress(Progress {
+                stage: Stage::Prior,
+                step: i + 1,
+                total: calls,
+            });
+        }
+        drop(prior);
+        let pc = &self.prior_config;
+        let image_embeddings = latents.affine(pc.latent_mean, -pc.latent_std)?;
+
+        // ---- Stage B: semantic latents + text -> Stage A latents
+        let dec_cfg = params.decoder_guidance > 1.0;
+        let clip = self
+            .encode_text(&self.decoder_dir, params, dec_cfg)?
+            .to_dtype(self.dtype)?;
+        let effnet = if dec_cfg {
+            Tensor::cat(&[&image_embeddings, &image_embeddings.zeros_like()?], 0)?
+        } else {
+            image_embeddings
+        }
+        .to_dtype(self.dtype)?;
+        let (decoder, _) =
+            WuerstchenDiffNeXt::load(&self.decoder_dir.join("decoder"), self.dtype, &dev)?;
+        let mut sched = self.scheduler(&self.decoder_dir)?;
+        sched.set_steps(params.decoder_steps);
+        let shape = [b, self.decoder.c_in, sizes.decoder.0, sizes.decoder.1];
+        let mut latents = noise.draw(Draw::DecoderInit, &shape, &dev)?;
+        for (i, &t) in sched.timesteps()[..params.decoder_steps].iter().enumerate() {
+            if cancel() {
+                return Err(Error::Canceled);
+            }
+            let eps = guided(
+                dec_cfg,
+                params.decoder_guidance,
+                &latents,
+                t,
+                self.dtype,
+                |x, r| decoder.forward(x, r, &effnet, &clip),
+            )?;
+            let z = noise.draw(Draw::DecoderStep(i), &shape, &dev)?;
+            latents = sched.step(&eps, t, &latents, &z)?;
+            progress(Progress {
+                stage: Stage::Decoder,
+                step: i + 1,
+                total: params.decoder_steps,
+            });
+        }
+        drop(decoder);
+
+        // ---- Stage A: latents -> pixels
+        let (vqgan, _) = PaellaVQModel::load(&self.decoder_dir.join("vqgan"), self.dtype, &dev)?;
+        let scaled = (latents * vqgan.scale_factor)?.to_dtype(self.dtype)?;
+        let images = vqgan.decode(&scaled, false)?;
+        tensor_to_images(&images.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+    }
+
+    fn scheduler(&self, root: &Path) -> Result<DdpmWuerstchenScheduler> {
+        let cfg: SchedulerConfig = optional_json(&root.join("scheduler/scheduler_config.json"))?;
+        Ok(DdpmWuerstchenScheduler::new(cfg))
+    }
+}
+
+/// One model call with classifier-free guidance when `cfg`: the batch
+/// `[latents, latents]` against `[cond, uncond]` conditioning, combined as
+/// `torch.lerp(uncond, cond, w)`. Latents stay f32; the model runs in `dtype`.
+fn guided(
+    cfg: bool,
+    w: f64,
+    latents: &Tensor,
+    t: f32,
+    dtype: DType,
+    model: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
+    let b = latents.dim(0)?;
+    let n = if cfg { 2 * b } else { b };
+    let r = Tensor::full(t, n, latents.device())?.to_dtype(dtype)?;
+    let x = if cfg {
+        Tensor::cat(&[latents, latents], 0)?
+    } else {
+        latents.clone()
+    };
+    let eps = model(&x.to_dtype(dtype)?, &r)?.to_dtype(DType::F32)?;
+    if !cfg {
+        return Ok(eps);
+    }
+    let cond = eps.narrow(0, 0, b)?;
+    let uncond = eps.narrow(0, b, b)?;
+    let diff = (&cond - &uncond)?;
+    // torch.lerp's two branches, for the same rounding
+    Ok(if w < 0.5 {
+        (uncond + (diff * w)?)?
+    } else {
+        (cond - (diff * (1.0 - w))?)?
+    })
+}
