@@ -39,7 +39,7 @@ enum Command {
         output: PathBuf,
     },
     /// Generate images from a prompt: Stage C prior -> Stage B decoder -> Stage A.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Print the generation parameters stored in a PNG written by `generate`.
     Inspect {
         /// The PNG file.
@@ -110,7 +110,7 @@ fn main() -> ExitCode {
             inputs,
             output,
         } => forward(&component, &model, &inputs, &output),
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(*args),
         Command::Inspect { file } => inspect(&file),
     };
     match result {

@@ -146,8 +146,11 @@ impl GlobalResponseNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = x.dim(D::Minus1)?;
-        let agg = x.sqr()?.sum_keepdim(1)?.sqrt()?; // (B, 1, C)
-        let stand = agg.broadcast_div(&(agg.mean_keepdim(D::Minus1)? + 1e-6)?)?;
+        // statistics in f32: a sum of squares over all positions overflows f16
+        let agg = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(1)?.sqrt()?; // (B, 1, C)
+        let stand = agg
+            .broadcast_div(&(agg.mean_keepdim(D::Minus1)? + 1e-6)?)?
+            .to_dtype(x.dtype())?;
         let gamma = self.gamma.reshape((1, 1, c))?;
         let beta = self.beta.reshape((1, 1, c))?;
         x.broadcast_mul(&stand)?

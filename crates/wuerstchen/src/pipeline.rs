@@ -260,6 +260,13 @@ impl WuerstchenPipeline {
         device: Device,
         dtype: DType,
     ) -> Result<Self> {
+        if device.is_cpu() && dtype == DType::BF16 {
+            return Err(Error::InvalidParameter(
+                "dtype bf16 is not supported on the CPU (candle 0.11 has no CPU bf16 matmul): \
+                 use f32 or f16, or a CUDA device"
+                    .into(),
+            ));
+        }
         require_dirs(
             prior_dir,
             "--prior",

@@ -1,0 +1,447 @@
+//! `wuerstchen generate` and `inspect`, the contract of issue 3, run as a user runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use wuerstchen::image_io::read_png;
+
+fn pipeline_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wuerstchen-gen-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn wuerstchen(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `generate` on the tiny fixture pipelines with the given extra flags.
+fn generate_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let p = pipeline_fixtures();
+    let mut v: Vec<String> = vec!["generate".into(), "--quiet".into()];
+    // the fixture folders unless the case names its own
+    for part in ["prior", "decoder"] {
+        let flag = format!("--{part}");
+        if !extra.contains(&flag.as_str()) {
+            v.extend([flag, p.join(part).display().to_string()]);
+        }
+    }
+    v.extend(["--out".into(), out.display().to_string()]);
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// The CLI flags of a recorded diffusers run (params.json).
+fn case_flags(case: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(pipeline_fixtures().join(case).join("params.json")).unwrap();
+    let p: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut f = vec![
+        "--prompt".to_string(),
+        p["prompt"].as_str().unwrap().into(),
+        "--negative-prompt".into(),
+        p["negative_prompt"].as_str().unwrap().into(),
+    ];
+    for (flag, key) in [
+        ("--width", "width"),
+        ("--height", "height"),
+        ("--num-images", "num_images"),
+        ("--prior-guidance", "prior_guidance"),
+        ("--decoder-steps", "decoder_steps"),
+        ("--decoder-guidance", "decoder_guidance"),
+        ("--prior-steps", "prior_steps"),
+    ] {
+        if !p[key].is_null() {
+            f.extend([flag.to_string(), p[key].to_string()]);
+        }
+    }
+    f.extend([
+        "--noise".into(),
+        pipeline_fixtures()
+            .join(case)
+            .join("noise.safetensors")
+            .display()
+            .to_string(),
+    ]);
+    f
+}
+
+#[test]
+fn replays_match_diffusers_images() {
+    for case in [
+        "cfg_both_stages",
+        "two_images_linear",
+        "long_prompt_no_guidance",
+    ] {
+        let dir = scratch(case);
+        let out = dir.join("img.png");
+        let mut args = generate_args(&out, &[]);
+        args.extend(case_flags(case));
+        let res = wuerstchen(&args);
+        assert!(
+            res.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let mut i = 0;
+        while pipeline_fixtures()
+            .join(case)
+            .join(format!("expected-{i}.png"))
+            .exists()
+        {
+            let expected = read_png(
+                &pipeline_fixtures()
+                    .join(case)
+                    .join(format!("expected-{i}.png")),
+            )
+            .unwrap();
+            let got_path = if out.exists() {
+                out.clone()
+            } else {
+                dir.join(format!("img-{i}.png"))
+            };
+            let got = read_png(&got_path).unwrap();
+            assert_eq!(
+                (got.image.width, got.image.height),
+                (expected.image.width, expected.image.height)
+            );
+            let n = got.image.data.len();
+            let mut max = 0u8;
+            let mut exact = 0;
+            for (a, b) in got.image.data.iter().zip(&expected.image.data) {
+                max = max.max(a.abs_diff(*b));
+                exact += usize::from(a == b);
+            }
+            let frac = exact as f64 / n as f64;
+            println!(
+                "{case} image {i}: max diff {max} level(s), {:.3}% exact",
+                100.0 * frac
+            );
+            assert!(
+                max <= 1,
+                "{case} image {i}: a value differs by {max} levels"
+            );
+            assert!(
+                frac >= 0.98,
+                "{case} image {i}: only {:.2}% exact",
+                100.0 * frac
+            );
+            i += 1;
+        }
+        assert!(i >= 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn seeded_runs_are_reproducible() {
+    let dir = scratch("seed");
+    let run = |name: &str, seed: &str| -> Vec<u8> {
+        let out = dir.join(name);
+        let common = [
+            "a blue square",
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--prior-steps",
+            "2",
+        ];
+        let mut args = generate_args(&out, &common);
+        args.extend([
+            "--decoder-steps".into(),
+            "2".into(),
+            "--seed".into(),
+            seed.into(),
+        ]);
+        let res = wuerstchen(&args);
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        std::fs::read(out).unwrap()
+    };
+    let a = run("a.png", "42");
+    let b = run("b.png", "42");
+    let c = run("c.png", "43");
+    assert_eq!(a, b, "same seed, same bytes");
+    assert_ne!(a, c, "another seed, another image");
+    let text = wuerstchen::image_io::read_parameters(&dir.join("a.png"))
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("Seed: 42,"), "{text}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn half_precision_stays_close_to_f32() {
+    let dir = scratch("f16");
+    let run = |dtype: &str| {
+        let out = dir.join(format!("{dtype}.png"));
+        let common = [
+            "a red circle",
+            "--width",
+            "256",
+            "--height",
+            "128",
+            "--prior-steps",
+            "3",
+        ];
+        let mut args = generate_args(&out, &common);
+        args.extend(["--decoder-steps", "2", "--seed", "1", "--dtype", dtype].map(String::from));
+        let res = wuerstchen(&args);
+        assert!(
+            res.status.success(),
+            "{dtype}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        read_png(&out).unwrap().image.data
+    };
+    let (a, b) = (run("f32"), run("f16"));
+    let mean = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| x.abs_diff(*y) as f64)
+        .sum::<f64>()
+        / a.len() as f64;
+    println!("f16 vs f32: mean difference {mean:.3} levels");
+    assert!(mean < 2.0, "f16 image drifts {mean} levels from f32");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn png_carries_parameters_and_inspect_prints_them() {
+    let dir = scratch("meta");
+    for (name, prompt, chunk) in [
+        ("latin.png", "a café on a hill", "tEXt"),
+        ("utf8.png", "一只猫 on a roof", "iTXt"),
+    ] {
+        let out = dir.join(name);
+        let common = [
+            prompt,
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--prior-steps",
+            "1",
+            "--decoder-steps",
+            "1",
+        ];
+        let mut args = generate_args(&out, &common);
+        args.extend([
+            "--seed".into(),
+            "7".into(),
+            "--negative-prompt".into(),
+            "dark".into(),
+        ]);
+        let res = wuerstchen(&args);
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let bytes = std::fs::read(&out).unwrap();
+        assert!(
+            bytes.windows(4).any(|w| w == chunk.as_bytes()),
+            "{name}: no {chunk} chunk"
+        );
+        let res = wuerstchen(&["inspect".into(), out.display().to_string()]);
+        assert!(res.status.success());
+        let text = String::from_utf8(res.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], prompt);
+        assert_eq!(lines[1], "Negative prompt: dark");
+        assert!(
+            lines[2].starts_with("Steps: 1, CFG scale: 4, Seed: 7, Size: 128x128, Model: "),
+            "{}",
+            lines[2]
+        );
+    }
+    // a PNG without parameters
+    let png = wuerstchen::image_io::encode_png(
+        &wuerstchen::image_io::RgbImage {
+            width: 1,
+            height: 1,
+            data: vec![1, 2, 3],
+        },
+        None,
+    )
+    .unwrap();
+    std::fs::write(dir.join("plain.png"), png).unwrap();
+    let res = wuerstchen(&[
+        "inspect".into(),
+        dir.join("plain.png").display().to_string(),
+    ]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("no `parameters`"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A failing run: non-zero exit, `needle` in the message, no panic, nothing written.
+fn assert_fails(extra: &[&str], needle: &str) {
+    let dir = scratch(&format!(
+        "fail-{}",
+        needle.replace(|c: char| !c.is_alphanumeric(), "")
+    ));
+    let out = dir.join("out.png");
+    let res = wuerstchen(&generate_args(&out, extra));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "should fail: {extra:?}");
+    assert!(
+        stderr.contains(needle),
+        "message for {extra:?} should mention {needle:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "{extra:?}: a file was left behind");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn invalid_parameters_are_named() {
+    assert_fails(
+        &["x", "--width", "1000"],
+        "width 1000 is not a multiple of 128 (try 896)",
+    );
+    assert_fails(
+        &["x", "--height", "8192"],
+        "height 8192 is outside 128..=4096",
+    );
+    assert_fails(
+        &["x", "--num-images", "0"],
+        "num_images 0 is outside 1..=16",
+    );
+    assert_fails(&["x", "--prior-steps", "0"], "prior_steps 0 is outside");
+    assert_fails(&["x", "--decoder-steps", "0"], "decoder_steps 0 is outside");
+    assert_fails(
+        &["x", "--prior-guidance=-1"],
+        "prior_guidance -1 must be a number >= 0",
+    );
+    assert_fails(&["x", "--decoder-guidance", "NaN"], "decoder_guidance NaN");
+    assert_fails(&["   "], "prompt is empty");
+    assert_fails(&["x", "--dtype", "f64"], "--dtype \"f64\"");
+    assert_fails(&["x", "--device", "tpu"], "--device \"tpu\"");
+    assert_fails(
+        &["x", "--dtype", "bf16"],
+        "bf16 is not supported on the CPU",
+    );
+}
+
+#[test]
+fn noise_file_errors_are_named() {
+    let dir = scratch("noise");
+    let cfg = pipeline_fixtures().join("cfg_both_stages/noise.safetensors");
+    let base = [
+        "x",
+        "--width",
+        "256",
+        "--height",
+        "128",
+        "--decoder-steps",
+        "3",
+    ];
+    let with = |file: &Path, needle: &str| {
+        let mut a: Vec<&str> = base.to_vec();
+        let f = file.display().to_string();
+        a.extend(["--noise", &f]);
+        assert_fails(&a, needle);
+    };
+    // a different size needs other shapes
+    let mut a: Vec<&str> = vec![
+        "x",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--decoder-steps",
+        "3",
+        "--noise",
+    ];
+    let f = cfg.display().to_string();
+    a.push(&f);
+    assert_fails(
+        &a,
+        "`prior.init` has shape [1, 16, 3, 6], expected [1, 16, 3, 3]",
+    );
+    // fewer decoder steps than the file: an extra tensor
+    let mut a: Vec<&str> = vec![
+        "x",
+        "--width",
+        "256",
+        "--height",
+        "128",
+        "--decoder-steps",
+        "2",
+        "--noise",
+    ];
+    a.push(&f);
+    assert_fails(&a, "unexpected tensor `decoder.step.2`");
+    // a missing tensor and a wrong dtype
+    let mut t = candle_core::safetensors::load(&cfg, &candle_core::Device::Cpu).unwrap();
+    t.remove("prior.step.7");
+    let missing = dir.join("missing.safetensors");
+    candle_core::safetensors::save(&t, &missing).unwrap();
+    with(&missing, "`prior.step.7` is missing");
+    let mut t = candle_core::safetensors::load(&cfg, &candle_core::Device::Cpu).unwrap();
+    let v = t["decoder.init"].to_dtype(candle_core::DType::F16).unwrap();
+    t.insert("decoder.init".into(), v);
+    let f16 = dir.join("f16.safetensors");
+    candle_core::safetensors::save(&t, &f16).unwrap();
+    with(&f16, "`decoder.init` has dtype F16, expected F32");
+    with(&dir.join("absent.safetensors"), "absent.safetensors");
+    std::fs::write(dir.join("junk.safetensors"), b"junk").unwrap();
+    with(&dir.join("junk.safetensors"), "junk.safetensors");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Copies a fixture pipeline folder (following the tokenizer link) for corruption.
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let target = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &target);
+        } else {
+            std::fs::copy(&p, &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn missing_and_corrupt_model_folders_fail_cleanly() {
+    assert_fails(&["x", "--prior", "/no/such/prior"], "/no/such/prior");
+    let dir = scratch("corrupt");
+    let decoder = dir.join("decoder");
+    copy_dir(&pipeline_fixtures().join("decoder"), &decoder);
+    let weights = decoder.join("vqgan/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
+    let d = decoder.display().to_string();
+    let args = [
+        "x",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--prior-steps",
+        "1",
+        "--decoder-steps",
+        "1",
+        "--decoder",
+        &d,
+    ];
+    assert_fails(&args, "vqgan/diffusion_pytorch_model.safetensors");
+    std::fs::remove_dir_all(decoder.join("vqgan")).unwrap();
+    assert_fails(&args, "no vqgan/ folder");
+    std::fs::remove_dir_all(dir).unwrap();
+}
