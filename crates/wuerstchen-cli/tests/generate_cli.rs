@@ -16,6 +16,18 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// The cheapest run of the fixture pipelines: 128 x 128, one step per stage.
+const TINY: [&str; 8] = [
+    "--width",
+    "128",
+    "--height",
+    "128",
+    "--prior-steps",
+    "1",
+    "--decoder-steps",
+    "1",
+];
+
 fn wuerstchen(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
         .args(args)
@@ -225,17 +237,7 @@ fn png_carries_parameters_and_inspect_prints_them() {
         ("utf8.png", "一只猫 on a roof", "iTXt"),
     ] {
         let out = dir.join(name);
-        let common = [
-            prompt,
-            "--width",
-            "128",
-            "--height",
-            "128",
-            "--prior-steps",
-            "1",
-            "--decoder-steps",
-            "1",
-        ];
+        let common: Vec<&str> = [prompt].into_iter().chain(TINY).collect();
         let mut args = generate_args(&out, &common);
         args.extend([
             "--seed".into(),
@@ -427,19 +429,11 @@ fn missing_and_corrupt_model_folders_fail_cleanly() {
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
     let d = decoder.display().to_string();
-    let args = [
-        "x",
-        "--width",
-        "128",
-        "--height",
-        "128",
-        "--prior-steps",
-        "1",
-        "--decoder-steps",
-        "1",
-        "--decoder",
-        &d,
-    ];
+    let args: Vec<&str> = ["x"]
+        .into_iter()
+        .chain(TINY)
+        .chain(["--decoder", &d])
+        .collect();
     assert_fails(&args, "vqgan/diffusion_pytorch_model.safetensors");
     std::fs::remove_dir_all(decoder.join("vqgan")).unwrap();
     assert_fails(&args, "no vqgan/ folder");

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::stage_a::PaellaVQModel;
 use crate::stage_b::WuerstchenDiffNeXt;
 use crate::stage_c::WuerstchenPrior;
+use crate::weights::FromFolder;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Component {

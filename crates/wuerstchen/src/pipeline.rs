@@ -19,6 +19,7 @@ use crate::stage_a::PaellaVQModel;
 use crate::stage_b::WuerstchenDiffNeXt;
 use crate::stage_c::WuerstchenPrior;
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::FromFolder;
 
 pub const SIZE_MULTIPLE: usize = 128;
 pub const MIN_SIZE: usize = 128;

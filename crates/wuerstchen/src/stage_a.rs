@@ -117,20 +117,14 @@ pub struct PaellaVQModel {
     pub scale_factor: f64,
 }
 
-impl PaellaVQModel {
-    /// Loads a `vqgan/` folder (`config.json` + safetensors), casting weights to `dtype`.
-    pub fn load(
-        dir: &std::path::Path,
-        dtype: candle_core::DType,
-        device: &candle_core::Device,
-    ) -> crate::Result<(Self, PaellaVQConfig)> {
-        let (cfg, model) =
-            crate::weights::load_component(dir, dtype, device, |cfg: &PaellaVQConfig, vb| {
-                Self::new(cfg, vb)
-            })?;
-        Ok((model, cfg))
+impl crate::weights::FromFolder for PaellaVQModel {
+    type Config = PaellaVQConfig;
+    fn build(cfg: &PaellaVQConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(cfg, vb)
     }
+}
 
+impl PaellaVQModel {
     pub fn new(cfg: &PaellaVQConfig, vb: VarBuilder) -> Result<Self> {
         let levels = cfg.levels;
         let c_levels: Vec<usize> = (0..levels).rev().map(|i| cfg.embed_dim >> i).collect();

@@ -75,20 +75,14 @@ pub struct WuerstchenDiffNeXt {
     patch_size: usize,
 }
 
-impl WuerstchenDiffNeXt {
-    /// Loads a `decoder/` folder (`config.json` + safetensors), casting weights to `dtype`.
-    pub fn load(
-        dir: &std::path::Path,
-        dtype: candle_core::DType,
-        device: &candle_core::Device,
-    ) -> crate::Result<(Self, DiffNeXtConfig)> {
-        let (cfg, model) =
-            crate::weights::load_component(dir, dtype, device, |cfg: &DiffNeXtConfig, vb| {
-                Self::new(cfg, vb)
-            })?;
-        Ok((model, cfg))
+impl crate::weights::FromFolder for WuerstchenDiffNeXt {
+    type Config = DiffNeXtConfig;
+    fn build(cfg: &DiffNeXtConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(cfg, vb)
     }
+}
 
+impl WuerstchenDiffNeXt {
     pub fn new(cfg: &DiffNeXtConfig, vb: VarBuilder) -> Result<Self> {
         let n = cfg.c_hidden.len();
         let ch = &cfg.c_hidden;

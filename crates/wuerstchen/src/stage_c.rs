@@ -24,20 +24,14 @@ pub struct WuerstchenPrior {
     c_r: usize,
 }
 
-impl WuerstchenPrior {
-    /// Loads a `prior/` folder (`config.json` + safetensors), casting weights to `dtype`.
-    pub fn load(
-        dir: &std::path::Path,
-        dtype: candle_core::DType,
-        device: &candle_core::Device,
-    ) -> crate::Result<(Self, PriorConfig)> {
-        let (cfg, model) =
-            crate::weights::load_component(dir, dtype, device, |cfg: &PriorConfig, vb| {
-                Self::new(cfg, vb)
-            })?;
-        Ok((model, cfg))
+impl crate::weights::FromFolder for WuerstchenPrior {
+    type Config = PriorConfig;
+    fn build(cfg: &PriorConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(cfg, vb)
     }
+}
 
+impl WuerstchenPrior {
     pub fn new(cfg: &PriorConfig, vb: VarBuilder) -> Result<Self> {
         let c = cfg.c;
         let blocks = vb.pp("blocks");

@@ -304,17 +304,16 @@ where
     Ok((config, WeightFiles::open_dir(dir)?))
 }
 
-/// Loads one component folder (`config.json` + weights) into a model, strictly.
-pub fn load_component<C, M>(
-    dir: &Path,
-    dtype: DType,
-    device: &Device,
-    build: impl FnOnce(&C, VarBuilder) -> candle_core::Result<M>,
-) -> Result<(C, M)>
-where
-    C: serde::de::DeserializeOwned + crate::config::Validate,
-{
-    let (config, files) = open_component::<C>(dir)?;
-    let model = files.build(dtype, device, |vb| build(&config, vb))?;
-    Ok((config, model))
+/// A model built from one diffusers component folder (`config.json` + weights).
+pub trait FromFolder: Sized {
+    type Config: serde::de::DeserializeOwned + crate::config::Validate;
+
+    fn build(cfg: &Self::Config, vb: VarBuilder) -> candle_core::Result<Self>;
+
+    /// Loads the folder strictly, casting the weights to `dtype`.
+    fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Self::Config)> {
+        let (config, files) = open_component::<Self::Config>(dir)?;
+        let model = files.build(dtype, device, |vb| Self::build(&config, vb))?;
+        Ok((model, config))
+    }
 }

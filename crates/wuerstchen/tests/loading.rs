@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, load};
 use wuerstchen::stage_c::WuerstchenPrior;
+use wuerstchen::weights::FromFolder;
 use wuerstchen::Error;
 
 /// A scratch copy of a fixture model folder.

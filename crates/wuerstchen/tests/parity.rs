@@ -7,6 +7,7 @@ use common::{assert_parity, fixture_component, fixtures, load};
 use wuerstchen::forward::{run_forward, Component};
 use wuerstchen::resize::resize_bicubic_aa;
 use wuerstchen::stage_a::PaellaVQModel;
+use wuerstchen::weights::FromFolder;
 
 /// Runs every fixture of one component kind; returns how many ran.
 fn run_component(kind: Component) -> usize {
