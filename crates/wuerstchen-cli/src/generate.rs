@@ -20,11 +20,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         (a, b) => a.or(b).unwrap_or_default(),
     };
+    let dtype = parse_dtype(&args.dtype)?;
+    let device = parse_device(&args.device)?;
+    let (prior_dir, decoder_dir) = locate_models(args.prior, args.decoder)?;
+    let pipeline = WuerstchenPipeline::open(&prior_dir, &decoder_dir, device, dtype)?;
+    let (native_w, native_h) = pipeline.native_size();
     let mut params = GenerationParams {
         prompt,
         negative_prompt: args.negative_prompt,
-        width: args.width,
-        height: args.height,
+        width: args.width.unwrap_or(native_w),
+        height: args.height.unwrap_or(native_h),
         num_images: args.num_images,
         seed: args.seed,
         prior_steps: args.prior_steps,
@@ -34,10 +39,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     // everything that can be checked without weights, first
     params.validate()?;
-    let dtype = parse_dtype(&args.dtype)?;
-    let device = parse_device(&args.device)?;
-    let (prior_dir, decoder_dir) = locate_models(args.prior, args.decoder)?;
-    let pipeline = WuerstchenPipeline::open(&prior_dir, &decoder_dir, device, dtype)?;
     let outputs = output_paths(&args.out, params.num_images);
 
     let mut noise = match &args.noise {

@@ -57,12 +57,12 @@ struct GenerateArgs {
     /// Used where guidance is on (> 1).
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// Pixels, a multiple of 128.
-    #[arg(long, default_value_t = 1024)]
-    width: usize,
-    /// Pixels, a multiple of 128.
-    #[arg(long, default_value_t = 1024)]
-    height: usize,
+    /// Pixels, a multiple of 128; default 1024, or the model folder's own size.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Pixels, a multiple of 128; default 1024, or the model folder's own size.
+    #[arg(long)]
+    height: Option<usize>,
     /// Images per prompt.
     #[arg(long, default_value_t = 1)]
     num_images: usize,

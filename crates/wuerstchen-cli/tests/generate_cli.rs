@@ -439,3 +439,79 @@ fn missing_and_corrupt_model_folders_fail_cleanly() {
     assert_fails(&args, "no vqgan/ folder");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn default_size_follows_the_model_folder() {
+    let dir = scratch("native");
+    let prior = dir.join("prior");
+    copy_dir(&pipeline_fixtures().join("prior"), &prior);
+    let index = prior.join("model_index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    v["default_width"] = 256.into();
+    v["default_height"] = 128.into();
+    std::fs::write(&index, v.to_string()).unwrap();
+    let out = dir.join("native.png");
+    let p = prior.display().to_string();
+    let args = [
+        "x",
+        "--prior",
+        &p,
+        "--prior-steps",
+        "1",
+        "--decoder-steps",
+        "1",
+        "--seed",
+        "3",
+    ];
+    let res = wuerstchen(&generate_args(&out, &args));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let png = read_png(&out).unwrap();
+    assert_eq!((png.image.width, png.image.height), (256, 128));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn models_are_found_in_the_hugging_face_cache() {
+    let cache = scratch("hfcache");
+    let run = |out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
+            .env("HF_HUB_CACHE", &cache)
+            .args(["generate", "x", "--quiet", "--seed", "1", "--out"])
+            .arg(out)
+            .args(TINY)
+            .output()
+            .unwrap()
+    };
+    // nothing cached: the error says which folders to pass and where it looked
+    let res = run(&cache.join("none.png"));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        stderr.contains("--prior DIR") && stderr.contains("--decoder DIR"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&cache.display().to_string()), "{stderr}");
+    assert!(!cache.join("none.png").exists());
+    // the official repos' snapshot layout
+    for (repo, part) in [("wuerstchen-prior", "prior"), ("wuerstchen", "decoder")] {
+        let snap = cache.join(format!("models--warp-ai--{repo}/snapshots/0123abcd"));
+        copy_dir(&pipeline_fixtures().join(part), &snap);
+    }
+    let out = cache.join("found.png");
+    let res = run(&out);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let text = wuerstchen::image_io::read_parameters(&out)
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("Model: warp-ai/wuerstchen-prior"), "{text}");
+    std::fs::remove_dir_all(cache).unwrap();
+}

@@ -155,6 +155,10 @@ pub struct PriorPipelineConfig {
     pub latent_mean: f64,
     pub latent_std: f64,
     pub resolution_multiple: f64,
+    /// The size a model declares as its own (ours; not in diffusers): the default of
+    /// `--width` / `--height`, e.g. for a small model trained at 256 pixels.
+    pub default_width: Option<usize>,
+    pub default_height: Option<usize>,
 }
 
 impl Default for PriorPipelineConfig {
@@ -163,6 +167,8 @@ impl Default for PriorPipelineConfig {
             latent_mean: 42.0,
             latent_std: 1.0,
             resolution_multiple: 42.67,
+            default_width: None,
+            default_height: None,
         }
     }
 }
@@ -293,12 +299,38 @@ impl WuerstchenPipeline {
         })
     }
 
-    /// A short name for the PNG metadata: the folder name of the prior.
+    /// (width, height) used when the caller gives none: the prior folder's declared
+    /// size, else 1024 x 1024.
+    pub fn native_size(&self) -> (usize, usize) {
+        let d = GenerationParams::default();
+        (
+            self.prior_config.default_width.unwrap_or(d.width),
+            self.prior_config.default_height.unwrap_or(d.height),
+        )
+    }
+
+    /// A short name for the PNG metadata: the hub repository of a cached snapshot,
+    /// else the prior folder's name.
     pub fn model_name(&self) -> String {
-        self.prior_dir
+        let dir = self
+            .prior_dir
             .canonicalize()
-            .unwrap_or_else(|_| self.prior_dir.clone())
-            .file_name()
+            .unwrap_or_else(|_| self.prior_dir.clone());
+        // .../models--warp-ai--wuerstchen-prior/snapshots/<hash>
+        let repo = dir
+            .parent()
+            .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .and_then(|n| {
+                n.to_str()?
+                    .strip_prefix("models--")
+                    .map(|r| r.replace("--", "/"))
+            });
+        if let Some(repo) = repo {
+            return repo;
+        }
+        dir.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "wuerstchen".into())
     }
