@@ -37,8 +37,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         decoder_steps: args.decoder_steps,
         decoder_guidance: args.decoder_guidance,
     };
-    // everything that can be checked without weights, first
-    params.validate()?;
     let outputs = output_paths(&args.out, params.num_images);
 
     let mut noise = match &args.noise {
@@ -49,7 +47,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             NoiseSource::seeded(seed)
         }
     };
-    noise.check(&pipeline.planned_draws(&params)?)?;
     let seed = if args.noise.is_some() {
         None
     } else {

@@ -408,14 +408,13 @@ impl WuerstchenPipeline {
         cancel: &dyn Fn() -> bool,
     ) -> Result<Vec<RgbImage>> {
         params.validate()?;
-        let draws = self.planned_draws(params)?;
-        noise.check(&draws)?;
+        noise.check(&self.planned_draws(params)?)?;
         let sizes = self.sizes(params)?;
         let dev = self.device.clone();
         let b = params.num_images;
 
         // ---- Stage C: text -> semantic latents
-        let prior_cfg = params.prior_guidance > 1.0;
+        let prior_cfg = uses_guidance(params.prior_guidance);
         let text = self
             .encode_text(&self.prior_dir, params, prior_cfg)?
             .to_dtype(self.dtype)?;
@@ -426,35 +425,22 @@ impl WuerstchenPipeline {
             None => sched.set_timesteps(default_stage_c_timesteps()),
         }
         let shape = [b, self.prior_c_in, sizes.prior.0, sizes.prior.1];
-        let mut latents = noise.draw(Draw::PriorInit, &shape, &dev)?;
-        let timesteps = sched.timesteps().to_vec();
-        let calls = timesteps.len() - 1;
-        for (i, &t) in timesteps[..calls].iter().enumerate() {
-            if cancel() {
-                return Err(Error::Canceled);
-            }
-            let eps = guided(
-                prior_cfg,
-                params.prior_guidance,
-                &latents,
-                t,
-                self.dtype,
-                |x, r| prior.forward(x, r, &text),
-            )?;
-            let z = noise.draw(Draw::PriorStep(i), &shape, &dev)?;
-            latents = sched.step(&eps, t, &latents, &z)?;
-            progress(Progress {
-                stage: Stage::Prior,
-                step: i + 1,
-                total: calls,
-            });
-        }
+        let latents = self.denoise(
+            Stage::Prior,
+            &sched,
+            &shape,
+            params.prior_guidance,
+            noise,
+            progress,
+            cancel,
+            |x, r| prior.forward(x, r, &text),
+        )?;
         drop(prior);
         let pc = &self.prior_config;
         let image_embeddings = latents.affine(pc.latent_mean, -pc.latent_std)?;
 
         // ---- Stage B: semantic latents + text -> Stage A latents
-        let dec_cfg = params.decoder_guidance > 1.0;
+        let dec_cfg = uses_guidance(params.decoder_guidance);
         let clip = self
             .encode_text(&self.decoder_dir, params, dec_cfg)?
             .to_dtype(self.dtype)?;
@@ -469,27 +455,16 @@ impl WuerstchenPipeline {
         let mut sched = self.scheduler(&self.decoder_dir)?;
         sched.set_steps(params.decoder_steps);
         let shape = [b, self.decoder.c_in, sizes.decoder.0, sizes.decoder.1];
-        let mut latents = noise.draw(Draw::DecoderInit, &shape, &dev)?;
-        for (i, &t) in sched.timesteps()[..params.decoder_steps].iter().enumerate() {
-            if cancel() {
-                return Err(Error::Canceled);
-            }
-            let eps = guided(
-                dec_cfg,
-                params.decoder_guidance,
-                &latents,
-                t,
-                self.dtype,
-                |x, r| decoder.forward(x, r, &effnet, &clip),
-            )?;
-            let z = noise.draw(Draw::DecoderStep(i), &shape, &dev)?;
-            latents = sched.step(&eps, t, &latents, &z)?;
-            progress(Progress {
-                stage: Stage::Decoder,
-                step: i + 1,
-                total: params.decoder_steps,
-            });
-        }
+        let latents = self.denoise(
+            Stage::Decoder,
+            &sched,
+            &shape,
+            params.decoder_guidance,
+            noise,
+            progress,
+            cancel,
+            |x, r| decoder.forward(x, r, &effnet, &clip),
+        )?;
         drop(decoder);
 
         // ---- Stage A: latents -> pixels
@@ -499,10 +474,54 @@ impl WuerstchenPipeline {
         tensor_to_images(&images.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
     }
 
+    /// One stage's sampling loop: initial noise, then per timestep a (guided) model
+    /// call, a scheduler step with the next draw, a progress report.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise(
+        &self,
+        stage: Stage,
+        sched: &DdpmWuerstchenScheduler,
+        shape: &[usize],
+        guidance: f64,
+        noise: &mut NoiseSource,
+        progress: &mut dyn FnMut(Progress),
+        cancel: &dyn Fn() -> bool,
+        model: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (init, step): (Draw, fn(usize) -> Draw) = match stage {
+            Stage::Prior => (Draw::PriorInit, Draw::PriorStep),
+            Stage::Decoder => (Draw::DecoderInit, Draw::DecoderStep),
+        };
+        let cfg = uses_guidance(guidance);
+        let mut latents = noise.draw(init, shape, &self.device)?;
+        let timesteps = sched.timesteps();
+        let calls = timesteps.len().saturating_sub(1);
+        for (i, &t) in timesteps[..calls].iter().enumerate() {
+            if cancel() {
+                return Err(Error::Canceled);
+            }
+            let eps = guided(cfg, guidance, &latents, t, self.dtype, &model)?;
+            let z = noise.draw(step(i), shape, &self.device)?;
+            latents = sched.step(&eps, t, &latents, &z)?;
+            progress(Progress {
+                stage,
+                step: i + 1,
+                total: calls,
+            });
+        }
+        Ok(latents)
+    }
+
     fn scheduler(&self, root: &Path) -> Result<DdpmWuerstchenScheduler> {
         let cfg: SchedulerConfig = optional_json(&root.join("scheduler/scheduler_config.json"))?;
         Ok(DdpmWuerstchenScheduler::new(cfg))
     }
+}
+
+/// diffusers' `do_classifier_free_guidance`: guidance only above 1 (the negative
+/// prompt is then not even encoded).
+fn uses_guidance(scale: f64) -> bool {
+    scale > 1.0
 }
 
 /// One model call with classifier-free guidance when `cfg`: the batch
