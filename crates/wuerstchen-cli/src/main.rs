@@ -40,10 +40,33 @@ enum Command {
     },
     /// Generate images from a prompt: Stage C prior -> Stage B decoder -> Stage A.
     Generate(Box<GenerateArgs>),
+    /// Make a training dataset.
+    Dataset {
+        #[command(subcommand)]
+        kind: DatasetKind,
+    },
     /// Print the generation parameters stored in a PNG written by `generate`.
     Inspect {
         /// The PNG file.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetKind {
+    /// Coloured shapes on coloured backgrounds with captions of a fixed grammar
+    /// (some colour/shape pairs held out: see docs/training.md).
+    Shapes {
+        /// Folder to fill (must not hold images yet).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        count: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -112,6 +135,15 @@ fn main() -> ExitCode {
         } => forward(&component, &model, &inputs, &output),
         Command::Generate(args) => generate::run(*args),
         Command::Inspect { file } => inspect(&file),
+        Command::Dataset {
+            kind:
+                DatasetKind::Shapes {
+                    out,
+                    count,
+                    size,
+                    seed,
+                },
+        } => wuerstchen::dataset::write_shapes_dataset(&out, count, size, seed).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
