@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use wuerstchen::forward::{run_forward, Component};
 
 mod generate;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +46,8 @@ enum Command {
         #[command(subcommand)]
         kind: DatasetKind,
     },
+    /// Train one stage on a folder of captioned images (PNG + same-stem .txt).
+    Train(train::TrainArgs),
     /// Print the generation parameters stored in a PNG written by `generate`.
     Inspect {
         /// The PNG file.
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
         } => forward(&component, &model, &inputs, &output),
         Command::Generate(args) => generate::run(*args),
         Command::Inspect { file } => inspect(&file),
+        Command::Train(args) => train::run(args),
         Command::Dataset {
             kind:
                 DatasetKind::Shapes {

@@ -7,10 +7,18 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
+/// `x` in the precision statistics are computed in: f32 for half types, f64 stays.
+pub fn upcast(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F64 | DType::F32 => Ok(x.clone()),
+        _ => x.to_dtype(DType::F32),
+    }
+}
+
 /// Layer norm over the last dimension, statistics in f32 whatever the input dtype.
 pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = upcast(x)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -147,7 +155,7 @@ impl GlobalResponseNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = x.dim(D::Minus1)?;
         // statistics in f32: a sum of squares over all positions overflows f16
-        let agg = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(1)?.sqrt()?; // (B, 1, C)
+        let agg = upcast(x)?.sqr()?.sum_keepdim(1)?.sqrt()?; // (B, 1, C)
         let stand = agg
             .broadcast_div(&(agg.mean_keepdim(D::Minus1)? + 1e-6)?)?
             .to_dtype(x.dtype())?;
@@ -252,7 +260,7 @@ impl Attention {
         let d = q.dim(3)?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
+        let probs = softmax_last_dim(&upcast(&scores)?)?.to_dtype(q.dtype())?;
         // (B, heads, N, d) -> (B, N, heads*d)
         let out = probs
             .matmul(&v)?

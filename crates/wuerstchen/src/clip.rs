@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
-use crate::blocks::{layer_norm, softmax_last_dim};
+use crate::blocks::{layer_norm, softmax_last_dim, upcast};
 use crate::config::ClipTextConfig;
 
 #[derive(Debug, Clone)]
@@ -77,10 +77,8 @@ impl EncoderLayer {
         let q = split((self.q_proj.forward(&h)? * (hd as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(&h)?)?;
         let v = split(self.v_proj.forward(&h)?)?;
-        let scores = q
-            .matmul(&k.t()?)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(mask)?;
+        let scores = upcast(&q.matmul(&k.t()?)?)?;
+        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         // (B, heads, L, hd) -> (B, L, D)
         let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;

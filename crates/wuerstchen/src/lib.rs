@@ -20,3 +20,4 @@ pub mod stage_a;
 pub mod stage_b;
 pub mod stage_c;
 pub mod tokenizer;
+pub mod train;

@@ -232,6 +232,37 @@ impl PaellaVQModel {
         self.latent_norm.forward(&self.to_latent.forward(&h)?)
     }
 
+    /// `encode` as in training mode: BatchNorm normalises with the batch's own
+    /// statistics (differentiably). Returns the latents and the batch mean and biased
+    /// variance per channel, for the caller to fold into the running statistics.
+    pub fn encode_train(&self, images: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut h = self
+            .in_conv
+            .forward(&candle_nn::ops::pixel_unshuffle(images, self.scale)?)?;
+        for layer in &self.down {
+            h = layer.forward(&h)?;
+        }
+        let h = self.to_latent.forward(&h)?;
+        let c = h.dim(1)?;
+        // (B, C, H, W) -> per-channel statistics over B, H, W
+        let flat = h.transpose(0, 1)?.flatten_from(1)?; // (C, N)
+        let mean = flat.mean_keepdim(1)?;
+        let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+        let shape = (1, c, 1, 1);
+        let bn = &self.latent_norm;
+        let y = h
+            .broadcast_sub(&mean.reshape(shape)?)?
+            .broadcast_div(&(var.reshape(shape)? + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&bn.weight.reshape(shape)?)?
+            .broadcast_add(&bn.bias.reshape(shape)?)?;
+        Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
+    }
+
+    /// The codebook (num_vq_embeddings, latent_channels).
+    pub fn codebook(&self) -> &Tensor {
+        &self.codebook
+    }
+
     /// Nearest codebook entry for every latent vector: (B, C, H, W) -> indices (B*H*W)
     /// in the order diffusers flattens them (B, H, W).
     pub fn quantize_indices(&self, latents: &Tensor) -> Result<Tensor> {

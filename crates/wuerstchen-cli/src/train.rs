@@ -1,0 +1,110 @@
+//! `wuerstchen train`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use wuerstchen::train::data::ImageFolder;
+use wuerstchen::train::{self as tr, StageTrainer, TrainOptions};
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum StageArg {
+    StageA,
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Which part to train.
+    #[arg(value_enum)]
+    stage: StageArg,
+    /// Folder of captioned images.
+    #[arg(long)]
+    data: PathBuf,
+    /// Model folder being built (checkpoints under checkpoints/).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 100)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 0.999)]
+    ema_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    /// Log a line every N steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let data = ImageFolder::load(&a.data, None)?;
+    let opts = TrainOptions {
+        data: a.data,
+        out: a.out,
+        steps: a.steps,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        warmup_steps: a.warmup_steps,
+        weight_decay: a.weight_decay,
+        grad_clip: a.grad_clip,
+        ema_decay: a.ema_decay,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+    };
+    let mut trainer: Box<dyn StageTrainer> = match a.stage {
+        StageArg::StageA => Box::new(tr::stage_a::StageATrainer::new(
+            tr::stage_a::default_config(),
+            &device,
+        )?),
+    };
+    eprintln!(
+        "{}: {} images of {}px from {}",
+        trainer.name(),
+        data.len(),
+        data.size,
+        opts.data.display()
+    );
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(opts.steps as u64);
+        b.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    };
+    let log_every = a.log_every.max(1);
+    tr::train(trainer.as_mut(), &opts, &data, &device, &mut |r| {
+        bar.set_position(r.step as u64);
+        bar.set_message(format!("loss {:.4}", r.loss));
+        if r.step % log_every == 0 || r.step == r.steps {
+            let line = format!(
+                "step {}/{} loss {:.5} lr {:.2e} grad-norm {:.3} step {:.3}s {:.1} samples/s",
+                r.step, r.steps, r.loss, r.lr, r.grad_norm, r.step_seconds, r.samples_per_second
+            );
+            if a.quiet {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
+        }
+    })?;
+    bar.finish();
+    Ok(())
+}

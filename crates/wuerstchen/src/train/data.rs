@@ -1,0 +1,101 @@
+//! A captioned image folder: `name.png` + `name.txt` pairs, all of one size.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::image_io::read_png;
+use crate::noise::SeededRng;
+
+/// All samples in memory as (3, S, S) floats in [0, 1] and their captions.
+pub struct ImageFolder {
+    pub images: Vec<Tensor>,
+    pub captions: Vec<String>,
+    pub size: usize,
+}
+
+fn bad(path: &Path, msg: &str) -> Error {
+    Error::InvalidInput(format!("{}: {msg}", path.display()))
+}
+
+impl ImageFolder {
+    /// Loads every `*.png` with its caption. Errors name the file: an empty folder, an
+    /// image without caption, an unreadable image, a size other than the first
+    /// image's or not `expected_size`.
+    pub fn load(dir: &Path, expected_size: Option<usize>) -> Result<Self> {
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        let mut pngs: Vec<PathBuf> = Vec::new();
+        for e in entries {
+            let p = e.map_err(|e| Error::io(dir, e))?.path();
+            match p.extension().and_then(|x| x.to_str()) {
+                Some("png") => pngs.push(p),
+                Some("jpg" | "jpeg") => {
+                    return Err(bad(&p, "JPEG is not supported yet: convert to PNG"))
+                }
+                _ => {}
+            }
+        }
+        pngs.sort();
+        if pngs.is_empty() {
+            return Err(bad(dir, "no .png images in this folder"));
+        }
+        let mut folder = ImageFolder {
+            images: Vec::with_capacity(pngs.len()),
+            captions: Vec::with_capacity(pngs.len()),
+            size: expected_size.unwrap_or(0),
+        };
+        for p in &pngs {
+            let txt = p.with_extension("txt");
+            let caption = std::fs::read_to_string(&txt)
+                .map_err(|_| bad(p, &format!("image without caption (no {})", txt.display())))?;
+            let img = read_png(p)
+                .map_err(|e| bad(p, &format!("unreadable image: {e}")))?
+                .image;
+            if folder.size == 0 {
+                folder.size = img.width;
+            }
+            if img.width != folder.size || img.height != folder.size {
+                return Err(bad(
+                    p,
+                    &format!(
+                        "image is {}x{}, expected {s}x{s}",
+                        img.width,
+                        img.height,
+                        s = folder.size
+                    ),
+                ));
+            }
+            let data: Vec<f32> = img.data.iter().map(|&v| v as f32 / 255.0).collect();
+            // (H, W, 3) -> (3, H, W)
+            let t = Tensor::from_vec(data, (img.height, img.width, 3), &Device::Cpu)?
+                .permute((2, 0, 1))?;
+            folder.images.push(t.contiguous()?);
+            folder.captions.push(caption.trim().to_string());
+        }
+        Ok(folder)
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+
+    /// A random batch (with replacement): images (B, 3, S, S) and captions.
+    pub fn batch(
+        &self,
+        rng: &mut SeededRng,
+        b: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Vec<String>)> {
+        let idx: Vec<usize> = (0..b)
+            .map(|_| (rng.next_u64() % self.len() as u64) as usize)
+            .collect();
+        let imgs: Vec<&Tensor> = idx.iter().map(|&i| &self.images[i]).collect();
+        let caps = idx.iter().map(|&i| self.captions[i].clone()).collect();
+        Ok((Tensor::stack(&imgs, 0)?.to_device(device)?, caps))
+    }
+}

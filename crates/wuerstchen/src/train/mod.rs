@@ -1,0 +1,282 @@
+//! Training of all three stages and the text encoder on a captioned image folder.
+//!
+//! One loop serves every stage: seeded batches, AdamW with warmup and global-norm
+//! clipping, an EMA of the weights, a checkpoint every N steps (one safetensors file
+//! holding weights, EMA and optimizer moments, replaced atomically), resume from it,
+//! and the EMA weights exported in the diffusers folder layout that `generate` loads.
+
+pub mod data;
+pub mod optim;
+pub mod stage_a;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::image_io::write_atomically;
+use crate::noise::SeededRng;
+use data::ImageFolder;
+use optim::{AdamW, AdamWConfig, Ema};
+
+/// Options shared by every stage; saved beside each checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub ema_decay: f64,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+}
+
+/// One line of the training log.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub step_seconds: f64,
+    pub samples_per_second: f64,
+}
+
+/// What a stage contributes to the shared loop.
+pub trait StageTrainer {
+    /// Short name: checkpoint file and log prefix.
+    fn name(&self) -> &'static str;
+    /// All variables, trainable ones and buffers.
+    fn varmap(&self) -> &VarMap;
+    /// Names of buffers the optimizer must not touch (running statistics).
+    fn is_buffer(&self, name: &str) -> bool {
+        name.ends_with("running_mean") || name.ends_with("running_var")
+    }
+    /// The loss of one batch; may update buffers.
+    fn loss(&mut self, images: &Tensor, captions: &[String], rng: &mut SeededRng)
+        -> Result<Tensor>;
+    /// Writes the given weights (EMA for parameters) as diffusers folders under `out`.
+    fn export(&self, weights: &HashMap<String, Tensor>, out: &Path) -> Result<()>;
+}
+
+fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let mut v: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn checkpoint_path(out: &Path, stage: &str) -> PathBuf {
+    out.join("checkpoints").join(format!("{stage}.safetensors"))
+}
+
+/// Runs (or resumes) training; returns the losses of the steps run now.
+pub fn train(
+    trainer: &mut dyn StageTrainer,
+    opts: &TrainOptions,
+    data: &ImageFolder,
+    device: &Device,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<Vec<f64>> {
+    if opts.batch_size == 0 || opts.steps == 0 {
+        return Err(Error::InvalidParameter(
+            "steps and batch_size must be at least 1".into(),
+        ));
+    }
+    let all = sorted_vars(trainer.varmap());
+    let trainable: Vec<(String, Var)> = all
+        .iter()
+        .filter(|(n, _)| !trainer.is_buffer(n))
+        .cloned()
+        .collect();
+    let mut opt = AdamW::new(
+        trainable.clone(),
+        AdamWConfig {
+            lr: opts.lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: opts.weight_decay,
+            warmup_steps: opts.warmup_steps,
+            grad_clip: opts.grad_clip,
+        },
+    )?;
+    let mut ema = Ema::new(&trainable, opts.ema_decay)?;
+    let ckpt = checkpoint_path(&opts.out, trainer.name());
+    if ckpt.is_file() {
+        load_checkpoint(&ckpt, &all, &mut opt, &mut ema)?;
+    }
+    let mut losses = Vec::new();
+    while opt.step < opts.steps {
+        let started = Instant::now();
+        // a generator per step: a resumed run draws exactly what the first would have
+        let mut rng =
+            SeededRng::new(opts.seed ^ (opt.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let (images, captions) = data.batch(&mut rng, opts.batch_size, device)?;
+        let loss = trainer.loss(&images, &captions, &mut rng)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(Error::InvalidInput(format!(
+                "{} loss is {value} at step {}: lower the learning rate",
+                trainer.name(),
+                opt.step
+            )));
+        }
+        let lr = opt.lr();
+        let grads = loss.backward()?;
+        let grad_norm = opt.step(&grads)?;
+        ema.update(&trainable, opt.step)?;
+        losses.push(value);
+        let secs = started.elapsed().as_secs_f64();
+        on_step(&StepReport {
+            step: opt.step,
+            steps: opts.steps,
+            loss: value,
+            lr,
+            grad_norm,
+            step_seconds: secs,
+            samples_per_second: opts.batch_size as f64 / secs.max(1e-9),
+        });
+        if opt.step % opts.checkpoint_every.max(1) == 0 || opt.step == opts.steps {
+            save_checkpoint(&ckpt, opts, &all, &opt, &ema)?;
+            let mut weights: HashMap<String, Tensor> = ema.shadow.clone();
+            for (n, v) in &all {
+                weights
+                    .entry(n.clone())
+                    .or_insert_with(|| v.as_tensor().clone());
+            }
+            trainer.export(&weights, &opts.out)?;
+        }
+    }
+    Ok(losses)
+}
+
+fn save_checkpoint(
+    path: &Path,
+    opts: &TrainOptions,
+    all: &[(String, Var)],
+    opt: &AdamW,
+    ema: &Ema,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (n, v) in all {
+        tensors.push((format!("var.{n}"), v.as_tensor().clone()));
+    }
+    for (prefix, map) in [("ema", &ema.shadow), ("m", &opt.m), ("v", &opt.v)] {
+        for (n, t) in map {
+            tensors.push((format!("{prefix}.{n}"), t.clone()));
+        }
+    }
+    let metadata = HashMap::from([
+        ("step".to_string(), opt.step.to_string()),
+        (
+            "options".to_string(),
+            serde_json::to_string(opts).unwrap_or_default(),
+        ),
+    ]);
+    let bytes =
+        safetensors::serialize(tensors, Some(metadata)).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    write_atomically(path, &bytes)
+}
+
+fn load_checkpoint(
+    path: &Path,
+    all: &[(String, Var)],
+    opt: &mut AdamW,
+    ema: &mut Ema,
+) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let corrupt = |m: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let step: usize = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("step"))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| corrupt("no step in the checkpoint metadata".into()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    let get = |k: String| {
+        tensors.get(&k).cloned().ok_or_else(|| {
+            corrupt(format!(
+                "tensor `{k}` missing: checkpoint of another model?"
+            ))
+        })
+    };
+    for (n, v) in all {
+        let t = get(format!("var.{n}"))?;
+        if t.dims() != v.dims() {
+            return Err(corrupt(format!(
+                "`{n}` has shape {:?}, the model {:?}",
+                t.dims(),
+                v.dims()
+            )));
+        }
+        v.set(&t.to_device(v.device())?)?;
+    }
+    let dev = all
+        .first()
+        .map(|(_, v)| v.device().clone())
+        .unwrap_or(Device::Cpu);
+    for (prefix, map) in [
+        ("ema", &mut ema.shadow),
+        ("m", &mut opt.m),
+        ("v", &mut opt.v),
+    ] {
+        let names: Vec<String> = map.keys().cloned().collect();
+        for n in names {
+            map.insert(n.clone(), get(format!("{prefix}.{n}"))?.to_device(&dev)?);
+        }
+    }
+    opt.step = step;
+    Ok(())
+}
+
+/// Writes `config.json` and `diffusion_pytorch_model.safetensors` of one component.
+pub fn write_component<C: Serialize>(
+    dir: &Path,
+    class_name: &str,
+    config: &C,
+    weights: &HashMap<String, Tensor>,
+    file_name: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut json = serde_json::to_value(config).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("_class_name".into(), class_name.into());
+    }
+    let text =
+        serde_json::to_string_pretty(&json).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let mut sorted: Vec<(&String, &Tensor)> = weights.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let file = dir.join(file_name);
+    let bytes = safetensors::serialize(sorted, None).map_err(|e| Error::Safetensors {
+        path: file.clone(),
+        message: e.to_string(),
+    })?;
+    write_atomically(&file, &bytes)?;
+    write_atomically(&dir.join("config.json"), text.as_bytes())
+}

@@ -1,0 +1,115 @@
+//! Stage A: the VQGAN, trained on reconstruction with a straight-through codebook.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::{write_component, StageTrainer};
+use crate::config::PaellaVQConfig;
+use crate::error::Result;
+use crate::noise::SeededRng;
+use crate::stage_a::PaellaVQModel;
+
+/// Weight of the commitment term (the encoder pulled towards its codes), as diffusers'
+/// `VectorQuantizer(beta=0.25)`.
+const COMMITMENT: f64 = 0.25;
+const BN_MOMENTUM: f64 = 0.1;
+
+pub struct StageATrainer {
+    pub config: PaellaVQConfig,
+    varmap: VarMap,
+    model: PaellaVQModel,
+}
+
+impl StageATrainer {
+    pub fn new(config: PaellaVQConfig, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = PaellaVQModel::new(&config, vb.clone())?;
+        // running variance starts at 1, as BatchNorm2d's
+        let bn = format!("down_blocks.{}.1.running_var", config.levels * 2 - 1);
+        if let Some(v) = varmap.data().lock().unwrap().get(&bn) {
+            v.set(&v.as_tensor().ones_like()?)?;
+        }
+        Ok(Self {
+            config,
+            varmap,
+            model,
+        })
+    }
+
+    fn bn_name(&self, stat: &str) -> String {
+        format!("down_blocks.{}.1.{stat}", self.config.levels * 2 - 1)
+    }
+}
+
+fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a - b)?.sqr()?.mean_all()?)
+}
+
+impl StageTrainer for StageATrainer {
+    fn name(&self) -> &'static str {
+        "stage-a"
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn loss(&mut self, images: &Tensor, _: &[String], _: &mut SeededRng) -> Result<Tensor> {
+        let (z, mean, var) = self.model.encode_train(images)?;
+        let (b, c, h, w) = z.dims4()?;
+        let idx = self.model.quantize_indices(&z.detach())?;
+        // (B*H*W, C) codes -> (B, C, H, W)
+        let q = self
+            .model
+            .codebook()
+            .embedding(&idx)?
+            .reshape((b, h, w, c))?
+            .permute((0, 3, 1, 2))?;
+        // straight-through: the decoder sees the codes, the encoder gets its gradient
+        let zq = (&z + (&q - &z)?.detach())?;
+        let rec = self.model.decode(&zq, false)?;
+        let loss = ((mse(&rec, images)? + (mse(&z, &q.detach())? * COMMITMENT)?)?
+            + mse(&q, &z.detach())?)?;
+        // fold the batch statistics into BatchNorm's running ones (unbiased variance)
+        let n = (b * h * w) as f64;
+        let data = self.varmap.data().lock().unwrap();
+        for (stat, batch) in [
+            ("running_mean", mean),
+            ("running_var", (var * (n / (n - 1.0)))?),
+        ] {
+            if let Some(v) = data.get(&self.bn_name(stat)) {
+                let updated = ((v.as_tensor() * (1.0 - BN_MOMENTUM))? + (batch * BN_MOMENTUM)?)?;
+                v.set(&updated)?;
+            }
+        }
+        Ok(loss)
+    }
+
+    fn export(&self, weights: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
+        write_component(
+            &out.join("decoder/vqgan"),
+            "PaellaVQModel",
+            &self.config,
+            weights,
+            "diffusion_pytorch_model.safetensors",
+        )
+    }
+}
+
+/// The default model's Stage A: f = 4, 4 latent channels, a 256-entry codebook, and
+/// no latent scaling (its BatchNorm already yields unit-variance latents).
+pub fn default_config() -> PaellaVQConfig {
+    PaellaVQConfig {
+        levels: 2,
+        bottleneck_blocks: 2,
+        embed_dim: 64,
+        latent_channels: 4,
+        num_vq_embeddings: 256,
+        scale_factor: 1.0,
+        ..PaellaVQConfig::default()
+    }
+}
