@@ -1,0 +1,194 @@
+//! `wuerstchen dataset` and `wuerstchen train`, run as a user runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use wuerstchen::stage_a::PaellaVQModel;
+use wuerstchen::weights::FromFolder;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wuerstchen-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap()
+}
+
+fn dataset(dir: &Path, count: usize, size: usize) {
+    let res = run(bin()
+        .args([
+            "dataset",
+            "shapes",
+            "--count",
+            &count.to_string(),
+            "--size",
+            &size.to_string(),
+            "--out",
+        ])
+        .arg(dir));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
+
+fn train_stage_a(data: &Path, out: &Path, steps: usize, every: usize) -> Command {
+    let mut c = bin();
+    c.args([
+        "train",
+        "stage-a",
+        "--quiet",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--warmup-steps",
+        "2",
+    ])
+    .args([
+        "--steps",
+        &steps.to_string(),
+        "--checkpoint-every",
+        &every.to_string(),
+        "--data",
+    ])
+    .arg(data)
+    .arg("--out")
+    .arg(out);
+    c
+}
+
+/// (step, loss) of every log line.
+fn losses(stderr: &str) -> Vec<(usize, f64)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("step ")?;
+            let (step, rest) = rest.split_once('/')?;
+            let loss = rest.split_once(" loss ")?.1.split(' ').next()?;
+            Some((step.parse().ok()?, loss.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn stage_a_learns_and_its_export_loads() {
+    let dir = scratch("smoke");
+    let data = dir.join("data");
+    dataset(&data, 12, 16);
+    let out = dir.join("model");
+    let res = run(&mut train_stage_a(&data, &out, 40, 20));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    let l = losses(&stderr);
+    assert_eq!(l.len(), 40, "{stderr}");
+    for line in ["lr ", "grad-norm ", "samples/s"] {
+        assert!(stderr.contains(line), "log lacks {line:?}: {stderr}");
+    }
+    let first: f64 = l[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
+    let last: f64 = l[35..].iter().map(|x| x.1).sum::<f64>() / 5.0;
+    println!("stage-a loss {first:.4} -> {last:.4}");
+    assert!(
+        last < first * 0.8,
+        "loss did not decrease: {first} -> {last}"
+    );
+    // the export is a diffusers vqgan folder that our loader (strict) accepts
+    let (vq, cfg) =
+        PaellaVQModel::load(&out.join("decoder/vqgan"), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::rand(0f32, 1.0, (1, 3, 16, 16), &Device::Cpu).unwrap();
+    let y = vq.decode(&vq.encode(&x).unwrap(), true).unwrap();
+    assert_eq!(y.dims(), &[1, 3, 16, 16]);
+    assert_eq!(cfg.num_vq_embeddings, 256);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_step_count() {
+    let dir = scratch("resume");
+    let data = dir.join("data");
+    dataset(&data, 8, 16);
+    let out = dir.join("model");
+    let ckpt = out.join("checkpoints/stage-a.safetensors");
+    let mut child = train_stage_a(&data, &out, 400, 3)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !ckpt.exists() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ckpt.exists(), "no checkpoint within a minute");
+    // whatever moment the kill hit, the checkpoint on disk is whole (atomic rename)
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).expect("checkpoint is readable");
+    let saved: usize = meta.metadata().as_ref().unwrap()["step"].parse().unwrap();
+    assert!(saved >= 3 && saved % 3 == 0, "checkpoint at step {saved}");
+    // resume: the run continues after the checkpointed step and reaches its goal
+    let goal = saved + 4;
+    let res = run(&mut train_stage_a(&data, &out, goal, 3));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    let steps: Vec<usize> = losses(&stderr).iter().map(|x| x.0).collect();
+    println!("killed after checkpoint {saved}; resumed steps {steps:?}");
+    assert_eq!(steps, (saved + 1..=goal).collect::<Vec<_>>(), "{stderr}");
+    // and a finished run has nothing left to do
+    let res = run(&mut train_stage_a(&data, &out, goal, 3));
+    assert!(res.status.success());
+    assert!(losses(&String::from_utf8_lossy(&res.stderr)).is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_training_data_is_named_and_nothing_is_written() {
+    let dir = scratch("bad");
+    let out = dir.join("model");
+    let fails = |data: &Path, needle: &str| {
+        let res = run(&mut train_stage_a(data, &out, 2, 1));
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "should fail on {needle}");
+        assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!out.exists(), "the model folder must not be created");
+    };
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    fails(&empty, "no .png images");
+    fails(&dir.join("absent"), "absent");
+
+    let data = dir.join("data");
+    dataset(&data, 3, 16);
+    std::fs::remove_file(data.join("00001.txt")).unwrap();
+    fails(&data, "00001.png: image without caption");
+    std::fs::write(data.join("00001.txt"), "a red circle on a blue background").unwrap();
+    std::fs::write(data.join("00002.png"), b"not a png").unwrap();
+    fails(&data, "00002.png: unreadable image");
+    std::fs::remove_file(data.join("00002.png")).unwrap();
+    std::fs::remove_file(data.join("00002.txt")).unwrap();
+    let other = dir.join("other");
+    dataset(&other, 1, 32);
+    std::fs::copy(other.join("00000.png"), data.join("00009.png")).unwrap();
+    std::fs::copy(other.join("00000.txt"), data.join("00009.txt")).unwrap();
+    fails(&data, "00009.png: image is 32x32, expected 16x16");
+
+    // dataset refuses to overwrite
+    let res = run(bin()
+        .args(["dataset", "shapes", "--count", "2", "--out"])
+        .arg(&data));
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("already holds images"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
