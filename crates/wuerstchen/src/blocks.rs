@@ -307,3 +307,60 @@ impl AttnBlock {
         x + from_tokens(&self.attention.forward(&q, &kv)?, h, w)?
     }
 }
+
+/// `nn.BatchNorm2d` (eps 1e-5), optionally without affine parameters.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    affine: Option<(Tensor, Tensor)>,
+    running_mean: Tensor,
+    running_var: Tensor,
+}
+
+impl BatchNorm {
+    pub fn new(c: usize, affine: bool, vb: VarBuilder) -> Result<Self> {
+        let affine = if affine {
+            Some((vb.get(c, "weight")?, vb.get(c, "bias")?))
+        } else {
+            None
+        };
+        Ok(Self {
+            affine,
+            running_mean: vb.get(c, "running_mean")?,
+            running_var: vb.get(c, "running_var")?,
+        })
+    }
+
+    fn normalize(&self, x: &Tensor, mean: &Tensor, var: &Tensor) -> Result<Tensor> {
+        let shape = (1, x.dim(1)?, 1, 1);
+        let y = x
+            .broadcast_sub(&mean.reshape(shape)?)?
+            .broadcast_div(&(var.reshape(shape)? + 1e-5)?.sqrt()?)?;
+        match &self.affine {
+            Some((w, b)) => y
+                .broadcast_mul(&w.reshape(shape)?)?
+                .broadcast_add(&b.reshape(shape)?),
+            None => Ok(y),
+        }
+    }
+
+    /// Eval mode: the running statistics.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.normalize(x, &self.running_mean, &self.running_var)
+    }
+
+    /// Training mode: the batch's own statistics (differentiably). Returns the output
+    /// and the detached batch mean and biased variance per channel, for the trainer to
+    /// fold into the running statistics.
+    pub fn forward_train(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        // (B, C, H, W) -> (C, B*H*W)
+        let flat = x.transpose(0, 1)?.flatten_from(1)?;
+        let mean = flat.mean_keepdim(1)?.flatten_all()?;
+        let var = flat
+            .broadcast_sub(&mean.unsqueeze(1)?)?
+            .sqr()?
+            .mean_keepdim(1)?
+            .flatten_all()?;
+        let y = self.normalize(x, &mean, &var)?;
+        Ok((y, mean.detach(), var.detach()))
+    }
+}

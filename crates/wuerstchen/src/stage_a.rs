@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
 
-use crate::blocks::{conv1x1, conv2d, from_tokens, layer_norm, to_tokens};
+use crate::blocks::{conv1x1, conv2d, from_tokens, layer_norm, to_tokens, BatchNorm};
 use crate::config::PaellaVQConfig;
 
 /// `MixingResidualBlock`: depthwise conv (replication padded) and channel MLP, each
@@ -53,36 +53,6 @@ impl MixingResidualBlock {
         let t = modulate(&to_tokens(&x)?, 3, 4)?;
         let t = self.fc2.forward(&self.fc1.forward(&t)?.gelu_erf()?)?;
         x + from_tokens(&t, h, w)?.broadcast_mul(&self.gamma(5)?)?
-    }
-}
-
-/// BatchNorm2d in eval mode (running statistics, eps 1e-5).
-#[derive(Debug, Clone)]
-struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-}
-
-impl BatchNorm {
-    fn new(c: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(c, "weight")?,
-            bias: vb.get(c, "bias")?,
-            running_mean: vb.get(c, "running_mean")?,
-            running_var: vb.get(c, "running_var")?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let c = x.dim(1)?;
-        let shape = (1, c, 1, 1);
-        let inv = (self.running_var.clone() + 1e-5)?.sqrt()?.recip()?;
-        x.broadcast_sub(&self.running_mean.reshape(shape)?)?
-            .broadcast_mul(&inv.reshape(shape)?)?
-            .broadcast_mul(&self.weight.reshape(shape)?)?
-            .broadcast_add(&self.bias.reshape(shape)?)
     }
 }
 
@@ -162,7 +132,7 @@ impl PaellaVQModel {
             false,
             vbl.pp("0"),
         )?;
-        let latent_norm = BatchNorm::new(cfg.latent_channels, vbl.pp("1"))?;
+        let latent_norm = BatchNorm::new(cfg.latent_channels, true, vbl.pp("1"))?;
 
         let vbu = vb.pp("up_blocks");
         let from_latent = conv1x1(
@@ -242,20 +212,7 @@ impl PaellaVQModel {
         for layer in &self.down {
             h = layer.forward(&h)?;
         }
-        let h = self.to_latent.forward(&h)?;
-        let c = h.dim(1)?;
-        // (B, C, H, W) -> per-channel statistics over B, H, W
-        let flat = h.transpose(0, 1)?.flatten_from(1)?; // (C, N)
-        let mean = flat.mean_keepdim(1)?;
-        let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
-        let shape = (1, c, 1, 1);
-        let bn = &self.latent_norm;
-        let y = h
-            .broadcast_sub(&mean.reshape(shape)?)?
-            .broadcast_div(&(var.reshape(shape)? + 1e-5)?.sqrt()?)?
-            .broadcast_mul(&bn.weight.reshape(shape)?)?
-            .broadcast_add(&bn.bias.reshape(shape)?)?;
-        Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
+        self.latent_norm.forward_train(&self.to_latent.forward(&h)?)
     }
 
     /// The codebook (num_vq_embeddings, latent_channels).

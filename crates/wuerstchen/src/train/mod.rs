@@ -255,6 +255,43 @@ fn load_checkpoint(
     Ok(())
 }
 
+/// BatchNorm2d's momentum for the running statistics.
+const BN_MOMENTUM: f64 = 0.1;
+
+/// Running variance starts at 1, as BatchNorm2d's (a VarMap would leave it at 0).
+pub fn init_batch_norm(varmap: &VarMap, prefix: &str) -> Result<()> {
+    if let Some(v) = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .get(&format!("{prefix}.running_var"))
+    {
+        v.set(&v.as_tensor().ones_like()?)?;
+    }
+    Ok(())
+}
+
+/// Folds one batch's statistics into a BatchNorm's running ones (unbiased variance,
+/// as PyTorch does); `n` is the number of values per channel.
+pub fn fold_batch_stats(
+    varmap: &VarMap,
+    prefix: &str,
+    mean: &Tensor,
+    var: &Tensor,
+    n: usize,
+) -> Result<()> {
+    let n = n as f64;
+    let unbiased = (var * (n / (n - 1.0).max(1.0)))?;
+    let data = varmap.data().lock().unwrap();
+    for (stat, batch) in [("running_mean", mean), ("running_var", &unbiased)] {
+        if let Some(v) = data.get(&format!("{prefix}.{stat}")) {
+            let updated = ((v.as_tensor() * (1.0 - BN_MOMENTUM))? + (batch * BN_MOMENTUM)?)?;
+            v.set(&updated)?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `config.json` and `diffusion_pytorch_model.safetensors` of one component.
 pub fn write_component<C: Serialize>(
     dir: &Path,

@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::{write_component, StageTrainer};
+use super::{fold_batch_stats, init_batch_norm, write_component, StageTrainer};
 use crate::config::PaellaVQConfig;
 use crate::error::Result;
 use crate::noise::SeededRng;
@@ -15,7 +15,6 @@ use crate::stage_a::PaellaVQModel;
 /// Weight of the commitment term (the encoder pulled towards its codes), as diffusers'
 /// `VectorQuantizer(beta=0.25)`.
 const COMMITMENT: f64 = 0.25;
-const BN_MOMENTUM: f64 = 0.1;
 
 pub struct StageATrainer {
     pub config: PaellaVQConfig,
@@ -28,20 +27,18 @@ impl StageATrainer {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = PaellaVQModel::new(&config, vb.clone())?;
-        // running variance starts at 1, as BatchNorm2d's
-        let bn = format!("down_blocks.{}.1.running_var", config.levels * 2 - 1);
-        if let Some(v) = varmap.data().lock().unwrap().get(&bn) {
-            v.set(&v.as_tensor().ones_like()?)?;
-        }
-        Ok(Self {
+        let trainer = Self {
             config,
             varmap,
             model,
-        })
+        };
+        init_batch_norm(&trainer.varmap, &trainer.bn_prefix())?;
+        Ok(trainer)
     }
 
-    fn bn_name(&self, stat: &str) -> String {
-        format!("down_blocks.{}.1.{stat}", self.config.levels * 2 - 1)
+    /// The encoder's closing BatchNorm.
+    fn bn_prefix(&self) -> String {
+        format!("down_blocks.{}.1", self.config.levels * 2 - 1)
     }
 }
 
@@ -74,18 +71,7 @@ impl StageTrainer for StageATrainer {
         let rec = self.model.decode(&zq, false)?;
         let loss = ((mse(&rec, images)? + (mse(&z, &q.detach())? * COMMITMENT)?)?
             + mse(&q, &z.detach())?)?;
-        // fold the batch statistics into BatchNorm's running ones (unbiased variance)
-        let n = (b * h * w) as f64;
-        let data = self.varmap.data().lock().unwrap();
-        for (stat, batch) in [
-            ("running_mean", mean),
-            ("running_var", (var * (n / (n - 1.0)))?),
-        ] {
-            if let Some(v) = data.get(&self.bn_name(stat)) {
-                let updated = ((v.as_tensor() * (1.0 - BN_MOMENTUM))? + (batch * BN_MOMENTUM)?)?;
-                v.set(&updated)?;
-            }
-        }
+        fold_batch_stats(&self.varmap, &self.bn_prefix(), &mean, &var, b * h * w)?;
         Ok(loss)
     }
 
