@@ -11,6 +11,7 @@ use wuerstchen::train::{self as tr, StageTrainer, TrainOptions};
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum StageArg {
     StageA,
+    StageB,
 }
 
 #[derive(clap::Args)]
@@ -69,6 +70,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut trainer: Box<dyn StageTrainer> = match a.stage {
         StageArg::StageA => Box::new(tr::stage_a::StageATrainer::new(
             tr::stage_a::default_config(),
+            &device,
+        )?),
+        StageArg::StageB => Box::new(tr::stage_b::StageBTrainer::new(
+            tr::stage_b::default_config(64),
+            Default::default(),
+            &opts.out,
             &device,
         )?),
     };

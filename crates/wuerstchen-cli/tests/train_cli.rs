@@ -5,7 +5,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use wuerstchen::compressor::SemanticCompressor;
 use wuerstchen::stage_a::PaellaVQModel;
+use wuerstchen::stage_b::WuerstchenDiffNeXt;
 use wuerstchen::weights::FromFolder;
 
 fn bin() -> Command {
@@ -43,10 +45,14 @@ fn dataset(dir: &Path, count: usize, size: usize) {
 }
 
 fn train_stage_a(data: &Path, out: &Path, steps: usize, every: usize) -> Command {
+    train_stage("stage-a", data, out, steps, every)
+}
+
+fn train_stage(stage: &str, data: &Path, out: &Path, steps: usize, every: usize) -> Command {
     let mut c = bin();
     c.args([
         "train",
-        "stage-a",
+        stage,
         "--quiet",
         "--batch-size",
         "4",
@@ -109,6 +115,45 @@ fn stage_a_learns_and_its_export_loads() {
     let y = vq.decode(&vq.encode(&x).unwrap(), true).unwrap();
     assert_eq!(y.dims(), &[1, 3, 16, 16]);
     assert_eq!(cfg.num_vq_embeddings, 256);
+    // seeded: a second run from scratch exports the same bytes
+    let again = dir.join("again");
+    assert!(run(&mut train_stage_a(&data, &again, 40, 20))
+        .status
+        .success());
+    let weights = "decoder/vqgan/diffusion_pytorch_model.safetensors";
+    assert!(
+        std::fs::read(out.join(weights)).unwrap() == std::fs::read(again.join(weights)).unwrap(),
+        "two runs with one seed differ"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn stage_b_learns_on_a_trained_stage_a_and_its_export_loads() {
+    let dir = scratch("stage-b");
+    let data = dir.join("data");
+    dataset(&data, 16, 32);
+    let out = dir.join("model");
+    // Stage B needs Stage A first, and says so
+    let res = run(&mut train_stage("stage-b", &data, &out, 2, 1));
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("run `wuerstchen train stage-a`"));
+    assert!(run(&mut train_stage_a(&data, &out, 10, 10))
+        .status
+        .success());
+    let res = run(train_stage("stage-b", &data, &out, 60, 60).args(["--lr", "5e-4"]));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    let l = losses(&stderr);
+    assert_eq!(l.len(), 60);
+    let first: f64 = l[..15].iter().map(|x| x.1).sum::<f64>() / 15.0;
+    let last: f64 = l[45..].iter().map(|x| x.1).sum::<f64>() / 15.0;
+    println!("stage-b loss {first:.4} -> {last:.4}");
+    assert!(last < first, "loss did not decrease: {first} -> {last}");
+    let (_, cfg) =
+        WuerstchenDiffNeXt::load(&out.join("decoder/decoder"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(cfg.effnet_embd, 16);
+    SemanticCompressor::load(&out.join("compressor"), DType::F32, &Device::Cpu).unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -7,6 +7,7 @@ pub mod weights;
 pub use error::{Error, Result};
 pub mod blocks;
 pub mod clip;
+pub mod compressor;
 pub mod dataset;
 pub mod forward;
 pub mod hub;

@@ -8,6 +8,7 @@
 pub mod data;
 pub mod optim;
 pub mod stage_a;
+pub mod stage_b;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -80,6 +81,39 @@ fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     v
 }
 
+/// candle initialises new variables from its own RNG, which cannot be seeded. Redraw
+/// every randomly initialised variable from ours so a training run is reproducible:
+/// matrices and kernels uniform with Kaiming's spread `sqrt(2 / fan_in)`, random
+/// vectors (biases) zero; constant ones (zeros, ones) stay as they are.
+fn reseed_init(vars: &[(String, Var)], seed: u64) -> Result<()> {
+    let mut rng = SeededRng::new(seed.wrapping_add(0x5EED));
+    for (_, var) in vars {
+        let t = var.as_tensor();
+        let (min, max) = (
+            t.min_all()?.to_dtype(DType::F64)?,
+            t.max_all()?.to_dtype(DType::F64)?,
+        );
+        if min.to_scalar::<f64>()? == max.to_scalar::<f64>()? {
+            continue;
+        }
+        let dims = t.dims();
+        let redrawn = if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            let half_width = (2.0 / fan_in as f64).sqrt() * 3f64.sqrt();
+            let v: Vec<f64> = (0..t.elem_count())
+                .map(|_| {
+                    half_width * (2.0 * (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 - 1.0)
+                })
+                .collect();
+            Tensor::from_vec(v, dims, t.device())?.to_dtype(t.dtype())?
+        } else {
+            t.zeros_like()?
+        };
+        var.set(&redrawn)?;
+    }
+    Ok(())
+}
+
 fn checkpoint_path(out: &Path, stage: &str) -> PathBuf {
     out.join("checkpoints").join(format!("{stage}.safetensors"))
 }
@@ -98,6 +132,7 @@ pub fn train(
         ));
     }
     let all = sorted_vars(trainer.varmap());
+    reseed_init(&all, opts.seed)?;
     let trainable: Vec<(String, Var)> = all
         .iter()
         .filter(|(n, _)| !trainer.is_buffer(n))

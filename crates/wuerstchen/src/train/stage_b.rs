@@ -1,0 +1,173 @@
+//! Stage B: the diffusion decoder on Stage A latents, conditioned on the semantic
+//! compressor's features, which are trained jointly with it.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::{fold_batch_stats, init_batch_norm, write_component, StageTrainer};
+use crate::compressor::{CompressorConfig, SemanticCompressor};
+use crate::config::{DiffNeXtConfig, SchedulerConfig};
+use crate::error::{Error, Result};
+use crate::noise::SeededRng;
+use crate::scheduler::DdpmWuerstchenScheduler;
+use crate::stage_a::PaellaVQModel;
+use crate::stage_b::WuerstchenDiffNeXt;
+use crate::weights::FromFolder;
+
+/// Share of samples whose effnet features are zeroed: the unconditional mode that
+/// decoder guidance uses (Würstchen drops 5-10%).
+const EFFNET_DROPOUT: f64 = 0.1;
+
+pub struct StageBTrainer {
+    pub config: DiffNeXtConfig,
+    pub compressor_config: CompressorConfig,
+    varmap: VarMap,
+    decoder: WuerstchenDiffNeXt,
+    compressor: SemanticCompressor,
+    vqgan: PaellaVQModel,
+    scheduler: DdpmWuerstchenScheduler,
+}
+
+impl StageBTrainer {
+    /// Needs the trained Stage A at `out/decoder/vqgan`.
+    pub fn new(
+        config: DiffNeXtConfig,
+        compressor_config: CompressorConfig,
+        out: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        if config.level_config.iter().any(|l| l.contains('A')) {
+            return Err(Error::InvalidParameter(
+                "this Stage B trainer conditions on the effnet features only: use a decoder \
+                 level_config without attention (A) blocks"
+                    .into(),
+            ));
+        }
+        let vq_dir = out.join("decoder/vqgan");
+        if !vq_dir.is_dir() {
+            return Err(Error::InvalidInput(format!(
+                "no Stage A at {}: run `wuerstchen train stage-a` with the same --out first",
+                vq_dir.display()
+            )));
+        }
+        let (vqgan, _) = PaellaVQModel::load(&vq_dir, DType::F32, device)?;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let decoder = WuerstchenDiffNeXt::new(&config, vb.pp("decoder"))?;
+        let compressor = SemanticCompressor::new(&compressor_config, vb.pp("compressor"))?;
+        init_batch_norm(&varmap, "compressor.mapper.1")?;
+        // diffusers' `_init_weights`: a zero output head (b = sigmoid(bias) instead of
+        // a random scale near 1e-3 that would blow the first losses up to ~1e3) and
+        // zero timestep modulation
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name == "decoder.clf.1.weight"
+                || name.ends_with("mapper.weight") && !name.contains("effnet")
+            {
+                var.set(&var.as_tensor().zeros_like()?)?;
+            }
+        }
+        Ok(Self {
+            config,
+            compressor_config,
+            varmap,
+            decoder,
+            compressor,
+            vqgan,
+            scheduler: DdpmWuerstchenScheduler::new(SchedulerConfig::default()),
+        })
+    }
+}
+
+/// Uniform draws in [0, 1) as f32, one per sample.
+pub(crate) fn uniform(rng: &mut SeededRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+        .collect()
+}
+
+impl StageTrainer for StageBTrainer {
+    fn name(&self) -> &'static str {
+        "stage-b"
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn loss(&mut self, images: &Tensor, _: &[String], rng: &mut SeededRng) -> Result<Tensor> {
+        let dev = images.device();
+        let b = images.dim(0)?;
+        // the target: Stage A latents as the pipeline decodes them (scale_factor * x)
+        let latents = (self.vqgan.encode(images)? / self.vqgan.scale_factor)?.detach();
+        let (effnet, mean, var) = self.compressor.forward_train(images)?;
+        let (_, _, h, w) = effnet.dims4()?;
+        fold_batch_stats(&self.varmap, "compressor.mapper.1", &mean, &var, b * h * w)?;
+        let keep: Vec<f32> = uniform(rng, b)
+            .into_iter()
+            .map(|u| {
+                if (u as f64) < EFFNET_DROPOUT {
+                    0.0
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let effnet = effnet.broadcast_mul(&Tensor::from_vec(keep, (b, 1, 1, 1), dev)?)?;
+        let t = uniform(rng, b);
+        let noise = rng.randn(latents.dims(), dev)?;
+        let noisy = self.scheduler.add_noise(&latents, &noise, &t)?;
+        let r = Tensor::from_vec(t, b, dev)?;
+        // no attention blocks: the text input is unused, any width will do
+        let clip = Tensor::zeros((b, 1, self.config.clip_embd), DType::F32, dev)?;
+        let pred = self.decoder.forward(&noisy, &r, &effnet, &clip)?;
+        Ok((pred - noise)?.sqr()?.mean_all()?)
+    }
+
+    fn export(&self, weights: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
+        let part = |prefix: &str| -> HashMap<String, Tensor> {
+            weights
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+                .collect()
+        };
+        let file = "diffusion_pytorch_model.safetensors";
+        write_component(
+            &out.join("decoder/decoder"),
+            "WuerstchenDiffNeXt",
+            &self.config,
+            &part("decoder."),
+            file,
+        )?;
+        write_component(
+            &out.join("compressor"),
+            "SemanticCompressor",
+            &self.compressor_config,
+            &part("compressor."),
+            file,
+        )
+    }
+}
+
+/// The default model's Stage B: two levels over 32 x 32 latents (128 px images),
+/// effnet injected at both, no attention.
+pub fn default_config(clip_embd: usize) -> DiffNeXtConfig {
+    DiffNeXtConfig {
+        c_in: 4,
+        c_out: 4,
+        c_r: 32,
+        patch_size: 2,
+        c_cond: 64,
+        c_hidden: vec![48, 96],
+        nhead: vec![-1, -1],
+        blocks: vec![2, 2],
+        level_config: vec!["CT".into(), "CT".into()],
+        inject_effnet: vec![true, true],
+        effnet_embd: 16,
+        clip_embd,
+        kernel_size: 3,
+        dropout: crate::config::DropoutSpec::One(0.0),
+    }
+}
