@@ -12,6 +12,8 @@ use wuerstchen::train::{self as tr, StageTrainer, TrainOptions};
 pub enum StageArg {
     StageA,
     StageB,
+    TextEncoder,
+    StageC,
 }
 
 #[derive(clap::Args)]
@@ -46,6 +48,9 @@ pub struct TrainArgs {
     /// Log a line every N steps.
     #[arg(long, default_value_t = 10)]
     log_every: usize,
+    /// Tokenizer folder (tokenizer.json, or vocab.json + merges.txt) for text-encoder.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -78,6 +83,27 @@ pub fn run(a: TrainArgs) -> Result<()> {
             &opts.out,
             &device,
         )?),
+        StageArg::TextEncoder => {
+            let Some(tok) = &a.tokenizer else {
+                anyhow::bail!("train text-encoder needs --tokenizer DIR (a CLIP tokenizer folder)");
+            };
+            Box::new(tr::text_encoder::TextEncoderTrainer::new(
+                tr::text_encoder::default_config(),
+                tok,
+                &opts.out,
+                data.size,
+                &device,
+            )?)
+        }
+        StageArg::StageC => {
+            let te = tr::text_encoder::default_config();
+            Box::new(tr::stage_c::StageCTrainer::new(
+                tr::stage_c::default_config(te.hidden_size),
+                &opts.out,
+                data.size,
+                &device,
+            )?)
+        }
     };
     eprintln!(
         "{}: {} images of {}px from {}",

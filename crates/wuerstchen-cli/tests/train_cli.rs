@@ -237,3 +237,116 @@ fn bad_training_data_is_named_and_nothing_is_written() {
     assert!(String::from_utf8_lossy(&res.stderr).contains("already holds images"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+fn tokenizer_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer")
+}
+
+/// Runs a stage and returns its (step, loss) log.
+fn train_ok(
+    stage: &str,
+    data: &Path,
+    out: &Path,
+    steps: usize,
+    extra: &[&str],
+) -> Vec<(usize, f64)> {
+    let res = run(train_stage(stage, data, out, steps, steps).args(extra));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stage}: {stderr}");
+    losses(&stderr)
+}
+
+fn mean(l: &[(usize, f64)]) -> f64 {
+    l.iter().map(|x| x.1).sum::<f64>() / l.len() as f64
+}
+
+#[test]
+fn text_encoder_and_stage_c_learn() {
+    let dir = scratch("te-c");
+    let data = dir.join("data");
+    dataset(&data, 24, 32);
+    let out = dir.join("model");
+    let tok = tokenizer_dir().display().to_string();
+    // each stage names the one it needs first
+    let res = run(train_stage("text-encoder", &data, &out, 2, 2).args(["--tokenizer", &tok]));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("run `wuerstchen train stage-b`"));
+    let res = run(&mut train_stage("text-encoder", &data, &out, 2, 2));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("needs --tokenizer"));
+    train_ok("stage-a", &data, &out, 5, &[]);
+    train_ok("stage-b", &data, &out, 5, &[]);
+    let res = run(&mut train_stage("stage-c", &data, &out, 2, 2));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("run `wuerstchen train text-encoder`"));
+
+    let l = train_ok(
+        "text-encoder",
+        &data,
+        &out,
+        40,
+        &["--tokenizer", &tok, "--lr", "1e-3"],
+    );
+    println!(
+        "text-encoder loss {:.4} -> {:.4}",
+        mean(&l[..10]),
+        mean(&l[30..])
+    );
+    assert!(
+        mean(&l[30..]) < mean(&l[..10]),
+        "text-encoder loss did not decrease"
+    );
+    let l = train_ok("stage-c", &data, &out, 40, &["--lr", "1e-3"]);
+    println!(
+        "stage-c loss {:.4} -> {:.4}",
+        mean(&l[..10]),
+        mean(&l[30..])
+    );
+    assert!(
+        mean(&l[30..]) < mean(&l[..10]),
+        "stage-c loss did not decrease"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn all_four_stages_make_a_model_that_generates() {
+    let dir = scratch("chain");
+    let data = dir.join("data");
+    dataset(&data, 6, 128);
+    let out = dir.join("model");
+    let tok = tokenizer_dir().display().to_string();
+    train_ok("stage-a", &data, &out, 2, &[]);
+    train_ok("stage-b", &data, &out, 2, &[]);
+    train_ok("text-encoder", &data, &out, 2, &["--tokenizer", &tok]);
+    train_ok("stage-c", &data, &out, 2, &[]);
+    // the two pipeline folders load through generate, at the model's own size
+    let png = dir.join("out.png");
+    let res = run(bin()
+        .args([
+            "generate",
+            "a red circle on a blue background",
+            "--quiet",
+            "--seed",
+            "1",
+        ])
+        .args([
+            "--prior-steps",
+            "2",
+            "--decoder-steps",
+            "2",
+            "--prior-guidance",
+            "2",
+            "--prior",
+        ])
+        .arg(out.join("prior"))
+        .arg("--decoder")
+        .arg(out.join("decoder"))
+        .arg("--out")
+        .arg(&png));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let img = wuerstchen::image_io::read_png(&png).unwrap().image;
+    assert_eq!((img.width, img.height), (128, 128));
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -9,6 +9,8 @@ pub mod data;
 pub mod optim;
 pub mod stage_a;
 pub mod stage_b;
+pub mod stage_c;
+pub mod text_encoder;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,193 @@
+//! Stage C: the text-conditional prior on the frozen semantic compressor's features,
+//! with the frozen text encoder, caption dropout for guidance and P2 loss weighting.
+//! Exporting it completes both pipeline folders (`MODEL/prior`, `MODEL/decoder`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde_json::json;
+
+use super::stage_b::uniform;
+use super::text_encoder::{load_compressor, tokenize};
+use super::{write_component, StageTrainer};
+use crate::clip::ClipTextModel;
+use crate::compressor::SemanticCompressor;
+use crate::config::{PriorConfig, SchedulerConfig};
+use crate::error::{Error, Result};
+use crate::image_io::write_atomically;
+use crate::noise::SeededRng;
+use crate::scheduler::DdpmWuerstchenScheduler;
+use crate::stage_c::WuerstchenPrior;
+use crate::tokenizer::ClipTokenizer;
+
+/// Share of captions replaced by the empty prompt: the unconditional mode that
+/// classifier-free guidance needs (Würstchen uses 5%).
+const CAPTION_DROPOUT: f64 = 0.05;
+
+pub struct StageCTrainer {
+    pub config: PriorConfig,
+    varmap: VarMap,
+    prior: WuerstchenPrior,
+    compressor: SemanticCompressor,
+    text_encoder: ClipTextModel,
+    tokenizer: ClipTokenizer,
+    scheduler: DdpmWuerstchenScheduler,
+    image_size: usize,
+    /// side of the compressor's feature map at `image_size`
+    feature_side: usize,
+}
+
+impl StageCTrainer {
+    /// Needs the compressor (stage-b) and the text encoder (text-encoder) in `out`.
+    pub fn new(
+        config: PriorConfig,
+        out: &Path,
+        image_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let compressor = load_compressor(out, device)?;
+        let te_dir = out.join("prior/text_encoder");
+        if !te_dir.is_dir() {
+            return Err(Error::InvalidInput(format!(
+                "no text encoder at {}: run `wuerstchen train text-encoder` with the same --out first",
+                te_dir.display()
+            )));
+        }
+        let (text_encoder, te_cfg) = ClipTextModel::load(&te_dir, DType::F32, device)?;
+        if te_cfg.hidden_size != config.c_cond {
+            return Err(Error::InvalidParameter(format!(
+                "prior c_cond {} differs from the text encoder's hidden_size {}",
+                config.c_cond, te_cfg.hidden_size
+            )));
+        }
+        let tokenizer = ClipTokenizer::from_dir(&out.join("prior/tokenizer"))?;
+        let probe = Tensor::zeros((1, 3, image_size, image_size), DType::F32, device)?;
+        let feature_side = compressor.forward(&probe)?.dim(2)?;
+        let varmap = VarMap::new();
+        let prior = WuerstchenPrior::new(
+            &config,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+        )?;
+        // a zero output head: the prediction starts as eps = x (b = 0), far from the
+        // pole of (x - a) / (|1 - b| + 1e-5) at b = 1 that a random head can sit on
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.starts_with("out.1.") || name.ends_with("mapper.weight") {
+                var.set(&var.as_tensor().zeros_like()?)?;
+            }
+        }
+        Ok(Self {
+            config,
+            varmap,
+            prior,
+            compressor,
+            text_encoder,
+            tokenizer,
+            scheduler: DdpmWuerstchenScheduler::new(SchedulerConfig::default()),
+            image_size,
+            feature_side,
+        })
+    }
+}
+
+impl StageTrainer for StageCTrainer {
+    fn name(&self) -> &'static str {
+        "stage-c"
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn loss(
+        &mut self,
+        images: &Tensor,
+        captions: &[String],
+        rng: &mut SeededRng,
+    ) -> Result<Tensor> {
+        let dev = images.device();
+        let b = images.dim(0)?;
+        // targets: the compressor's features (latent_mean 1, latent_std 0 in the
+        // pipeline, so the prior works in effnet space directly)
+        let x0 = self.compressor.forward(images)?.detach();
+        let drop = uniform(rng, b);
+        let caps: Vec<&str> = captions
+            .iter()
+            .zip(&drop)
+            .map(|(c, &u)| {
+                if (u as f64) < CAPTION_DROPOUT {
+                    ""
+                } else {
+                    c.as_str()
+                }
+            })
+            .collect();
+        let (ids, mask) = tokenize(&self.tokenizer, &caps, dev)?;
+        let text = self.text_encoder.forward(&ids, &mask)?.detach();
+        let t = uniform(rng, b);
+        let noise = rng.randn(x0.dims(), dev)?;
+        let noisy = self.scheduler.add_noise(&x0, &noise, &t)?;
+        let r = Tensor::from_vec(t.clone(), b, dev)?;
+        let pred = self.prior.forward(&noisy, &r, &text)?;
+        // P2 weighting (1 + abar / (1 - abar))^-1 = 1 - abar
+        let w: Vec<f32> = t
+            .iter()
+            .map(|&t| 1.0 - self.scheduler.alpha_cumprod(t))
+            .collect();
+        let w = Tensor::from_vec(w, (b, 1, 1, 1), dev)?;
+        Ok((pred - noise)?.sqr()?.broadcast_mul(&w)?.mean_all()?)
+    }
+
+    fn export(&self, weights: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
+        write_component(
+            &out.join("prior/prior"),
+            "WuerstchenPrior",
+            &self.config,
+            weights,
+            "diffusion_pytorch_model.safetensors",
+        )?;
+        // the pipeline-level numbers that make the sizes follow this model
+        let side = self.feature_side;
+        let resolution_multiple = self.image_size as f64 / side as f64;
+        let latent_dim_scale = (self.image_size / 4) as f64 / side as f64;
+        let prior_index = json!({
+            "_class_name": "WuerstchenPriorPipeline",
+            "latent_mean": 1.0,
+            "latent_std": 0.0,
+            "resolution_multiple": resolution_multiple,
+            "default_width": self.image_size,
+            "default_height": self.image_size,
+        });
+        let decoder_index = json!({
+            "_class_name": "WuerstchenDecoderPipeline",
+            "latent_dim_scale": latent_dim_scale,
+        });
+        let scheduler =
+            serde_json::to_string_pretty(&SchedulerConfig::default()).unwrap_or_default();
+        for (pipeline, index) in [("prior", prior_index), ("decoder", decoder_index)] {
+            let root = out.join(pipeline);
+            let text = serde_json::to_string_pretty(&index).unwrap_or_default();
+            write_atomically(&root.join("model_index.json"), text.as_bytes())?;
+            std::fs::create_dir_all(root.join("scheduler")).map_err(|e| Error::io(&root, e))?;
+            write_atomically(
+                &root.join("scheduler/scheduler_config.json"),
+                scheduler.as_bytes(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The default model's prior: 4 layers of 128 channels over the 8 x 8 features.
+pub fn default_config(c_cond: usize) -> PriorConfig {
+    PriorConfig {
+        c_in: 16,
+        c: 128,
+        c_cond,
+        c_r: 32,
+        depth: 4,
+        nhead: 4,
+        dropout: 0.0,
+    }
+}
