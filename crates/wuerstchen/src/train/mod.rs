@@ -292,6 +292,17 @@ fn load_checkpoint(
     Ok(())
 }
 
+/// A stage's output that a later stage builds on; the error says which command makes it.
+pub(crate) fn require_stage(dir: &Path, what: &str, command: &str) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(Error::InvalidInput(format!(
+        "no {what} at {}: run `wuerstchen train {command}` with the same --out first",
+        dir.display()
+    )))
+}
+
 /// BatchNorm2d's momentum for the running statistics.
 const BN_MOMENTUM: f64 = 0.1;
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::{fold_batch_stats, init_batch_norm, write_component, StageTrainer};
+use super::{fold_batch_stats, init_batch_norm, require_stage, write_component, StageTrainer};
 use crate::compressor::{CompressorConfig, SemanticCompressor};
 use crate::config::{DiffNeXtConfig, SchedulerConfig};
 use crate::error::{Error, Result};
@@ -47,12 +47,7 @@ impl StageBTrainer {
             ));
         }
         let vq_dir = out.join("decoder/vqgan");
-        if !vq_dir.is_dir() {
-            return Err(Error::InvalidInput(format!(
-                "no Stage A at {}: run `wuerstchen train stage-a` with the same --out first",
-                vq_dir.display()
-            )));
-        }
+        require_stage(&vq_dir, "Stage A", "stage-a")?;
         let (vqgan, _) = PaellaVQModel::load(&vq_dir, DType::F32, device)?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);

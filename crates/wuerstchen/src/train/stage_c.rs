@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::stage_b::uniform;
 use super::text_encoder::{load_compressor, tokenize};
-use super::{write_component, StageTrainer};
+use super::{require_stage, write_component, StageTrainer};
 use crate::clip::ClipTextModel;
 use crate::compressor::SemanticCompressor;
 use crate::config::{PriorConfig, SchedulerConfig};
@@ -49,12 +49,7 @@ impl StageCTrainer {
     ) -> Result<Self> {
         let compressor = load_compressor(out, device)?;
         let te_dir = out.join("prior/text_encoder");
-        if !te_dir.is_dir() {
-            return Err(Error::InvalidInput(format!(
-                "no text encoder at {}: run `wuerstchen train text-encoder` with the same --out first",
-                te_dir.display()
-            )));
-        }
+        require_stage(&te_dir, "text encoder", "text-encoder")?;
         let (text_encoder, te_cfg) = ClipTextModel::load(&te_dir, DType::F32, device)?;
         if te_cfg.hidden_size != config.c_cond {
             return Err(Error::InvalidParameter(format!(

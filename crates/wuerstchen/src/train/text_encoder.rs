@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
 
-use super::{write_component, StageTrainer};
+use super::{require_stage, write_component, StageTrainer};
 use crate::clip::ClipTextModel;
 use crate::compressor::SemanticCompressor;
 use crate::config::ClipTextConfig;
@@ -33,12 +33,7 @@ pub struct TextEncoderTrainer {
 /// Loads the compressor Stage B trained, with a pointer to the command that makes it.
 pub(crate) fn load_compressor(out: &Path, device: &Device) -> Result<SemanticCompressor> {
     let dir = out.join("compressor");
-    if !dir.is_dir() {
-        return Err(Error::InvalidInput(format!(
-            "no semantic compressor at {}: run `wuerstchen train stage-b` with the same --out first",
-            dir.display()
-        )));
-    }
+    require_stage(&dir, "semantic compressor", "stage-b")?;
     Ok(SemanticCompressor::load(&dir, DType::F32, device)?.0)
 }
 
