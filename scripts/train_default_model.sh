@@ -23,7 +23,7 @@ BIN=target/release/wuerstchen
 
 [ -d "$DATA" ] || "$BIN" dataset shapes --out "$DATA" --count "$COUNT" --size 128 --seed "$SEED"
 
-common=(--data "$DATA" --out "$OUT" --seed "$SEED" --quiet --log-every 50 --checkpoint-every 100)
+common=(--data "$DATA" --out "$OUT" --seed "$SEED" --quiet --log-every 50 --checkpoint-every 100 --export-f16)
 time "$BIN" train stage-a "${common[@]}" --steps "$STEPS_A" --batch-size 8 --lr 1e-3 --warmup-steps 100
 time "$BIN" train stage-b "${common[@]}" --steps "$STEPS_B" --batch-size 4 --lr 5e-4 --warmup-steps 50
 time "$BIN" train text-encoder "${common[@]}" --steps "$STEPS_TE" --batch-size 32 --lr 1e-3 --warmup-steps 50 \

@@ -104,47 +104,39 @@ fn parse_device(s: &str) -> Result<Device> {
     Ok(Device::new_cuda(ordinal)?)
 }
 
-/// `--prior/--decoder`, else the official pipelines in the Hugging Face cache.
+/// The pipeline folders: `--prior/--decoder` (a folder, or a hub id such as
+/// `warp-ai/wuerstchen-prior` found in the Hugging Face cache); without them, the
+/// official pipelines if the cache holds them.
 fn locate_models(prior: Option<PathBuf>, decoder: Option<PathBuf>) -> Result<(PathBuf, PathBuf)> {
-    if let (Some(p), Some(d)) = (&prior, &decoder) {
-        return Ok((p.clone(), d.clone()));
+    let prior = prior.unwrap_or_else(|| PathBuf::from(hub::PRIOR_REPO));
+    let decoder = decoder.unwrap_or_else(|| PathBuf::from(hub::DECODER_REPO));
+    Ok((
+        resolve(prior, "--prior", "prior")?,
+        resolve(decoder, "--decoder", "decoder")?,
+    ))
+}
+
+/// A folder as given, or a hub id resolved in the local Hugging Face cache.
+fn resolve(given: PathBuf, flag: &str, marker: &str) -> Result<PathBuf> {
+    let text = given.to_string_lossy().into_owned();
+    let looks_like_id = !given.exists() && text.split('/').count() == 2 && !text.starts_with('.');
+    if !looks_like_id {
+        return Ok(given);
     }
     let cache = hub::cache_dir();
-    let found_prior = prior.or_else(|| {
-        cache
-            .as_ref()
-            .and_then(|c| hub::cached_snapshot(c, hub::PRIOR_REPO, "prior"))
-    });
-    let found_decoder = decoder.or_else(|| {
-        cache
-            .as_ref()
-            .and_then(|c| hub::cached_snapshot(c, hub::DECODER_REPO, "decoder"))
-    });
-    match (found_prior, found_decoder) {
-        (Some(p), Some(d)) => Ok((p, d)),
-        (p, d) => {
-            let looked = cache
-                .map(|c| c.display().to_string())
-                .unwrap_or_else(|| "(no cache folder)".into());
-            let mut missing = Vec::new();
-            if p.is_none() {
-                missing.push(format!(
-                    "--prior DIR (a {} folder: prior/, text_encoder/, tokenizer/, scheduler/)",
-                    hub::PRIOR_REPO
-                ));
-            }
-            if d.is_none() {
-                missing.push(format!(
-                    "--decoder DIR (a {} folder: decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/)",
-                    hub::DECODER_REPO
-                ));
-            }
-            bail!(
-                "no model found: pass {}; looked in the Hugging Face cache at {looked}",
-                missing.join(" and ")
-            )
-        }
+    if let Some(found) = cache
+        .as_ref()
+        .and_then(|c| hub::cached_snapshot(c, &text, marker))
+    {
+        return Ok(found);
     }
+    let looked = cache
+        .map(|c| c.display().to_string())
+        .unwrap_or_else(|| "(no cache folder)".into());
+    bail!(
+        "{flag} {text}: no such folder, and no snapshot of {text} with a {marker}/ folder in the Hugging Face \
+         cache at {looked}: pass {flag} DIR (a diffusers pipeline folder)"
+    )
 }
 
 /// `out.png` for one image; `out-0.png`, `out-1.png`, ... in the same folder for more.

@@ -51,6 +51,9 @@ pub struct TrainArgs {
     /// Tokenizer folder (tokenizer.json, or vocab.json + merges.txt) for text-encoder.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Store the exported weights in f16.
+    #[arg(long)]
+    export_f16: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -71,6 +74,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         ema_decay: a.ema_decay,
         seed: a.seed,
         checkpoint_every: a.checkpoint_every,
+        export_f16: a.export_f16,
     };
     let mut trainer: Box<dyn StageTrainer> = match a.stage {
         StageArg::StageA => Box::new(tr::stage_a::StageATrainer::new(
@@ -81,6 +85,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             tr::stage_b::default_config(64),
             Default::default(),
             &opts.out,
+            &data,
             &device,
         )?),
         StageArg::TextEncoder => {

@@ -476,7 +476,7 @@ fn default_size_follows_the_model_folder() {
 }
 
 #[test]
-fn models_are_found_in_the_hugging_face_cache() {
+fn hub_ids_are_found_in_the_hugging_face_cache() {
     let cache = scratch("hfcache");
     let run = |out: &Path| {
         Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
@@ -484,17 +484,20 @@ fn models_are_found_in_the_hugging_face_cache() {
             .args(["generate", "x", "--quiet", "--seed", "1", "--out"])
             .arg(out)
             .args(TINY)
+            .args([
+                "--prior",
+                "warp-ai/wuerstchen-prior",
+                "--decoder",
+                "warp-ai/wuerstchen",
+            ])
             .output()
             .unwrap()
     };
-    // nothing cached: the error says which folders to pass and where it looked
+    // nothing cached: the error says which folder to pass and where it looked
     let res = run(&cache.join("none.png"));
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success());
-    assert!(
-        stderr.contains("--prior DIR") && stderr.contains("--decoder DIR"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("pass --prior DIR"), "{stderr}");
     assert!(stderr.contains(&cache.display().to_string()), "{stderr}");
     assert!(!cache.join("none.png").exists());
     // the official repos' snapshot layout

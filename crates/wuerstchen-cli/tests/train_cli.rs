@@ -154,6 +154,35 @@ fn stage_b_learns_on_a_trained_stage_a_and_its_export_loads() {
         WuerstchenDiffNeXt::load(&out.join("decoder/decoder"), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(cfg.effnet_embd, 16);
     SemanticCompressor::load(&out.join("compressor"), DType::F32, &Device::Cpu).unwrap();
+    // Stage B recorded Stage A's latent scale: latents / scale_factor have unit spread
+    let (vq, vq_cfg) =
+        PaellaVQModel::load(&out.join("decoder/vqgan"), DType::F32, &Device::Cpu).unwrap();
+    let img = wuerstchen::image_io::read_png(&data.join("00000.png"))
+        .unwrap()
+        .image;
+    let x: Vec<f32> = img.data.iter().map(|&v| v as f32 / 255.0).collect();
+    let x = Tensor::from_vec(x, (1, 32, 32, 3), &Device::Cpu)
+        .unwrap()
+        .permute((0, 3, 1, 2))
+        .unwrap();
+    let z = (vq.encode(&x.contiguous().unwrap()).unwrap() / vq_cfg.scale_factor).unwrap();
+    let std = z
+        .flatten_all()
+        .unwrap()
+        .var(0)
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!(
+        "scale_factor {:.4}, scaled latent std {std:.3}",
+        vq_cfg.scale_factor
+    );
+    assert!(
+        vq_cfg.scale_factor != 1.0 && (0.3..3.0).contains(&std),
+        "std {std}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -5,6 +5,7 @@ pub mod error;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub mod analysis;
 pub mod blocks;
 pub mod clip;
 pub mod compressor;

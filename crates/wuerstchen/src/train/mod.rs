@@ -40,6 +40,9 @@ pub struct TrainOptions {
     pub ema_decay: f64,
     pub seed: u64,
     pub checkpoint_every: usize,
+    /// Store exported weights in f16 (half the size; checkpoints stay f32).
+    #[serde(default)]
+    pub export_f16: bool,
 }
 
 /// One line of the training log.
@@ -196,6 +199,11 @@ pub fn train(
                     .entry(n.clone())
                     .or_insert_with(|| v.as_tensor().clone());
             }
+            if opts.export_f16 {
+                for t in weights.values_mut() {
+                    *t = t.to_dtype(DType::F16)?;
+                }
+            }
             trainer.export(&weights, &opts.out)?;
         }
     }
@@ -333,7 +341,8 @@ pub fn fold_batch_stats(
     let data = varmap.data().lock().unwrap();
     for (stat, batch) in [("running_mean", mean), ("running_var", &unbiased)] {
         if let Some(v) = data.get(&format!("{prefix}.{stat}")) {
-            let updated = ((v.as_tensor() * (1.0 - BN_MOMENTUM))? + (batch * BN_MOMENTUM)?)?;
+            let updated = ((v.as_tensor().detach() * (1.0 - BN_MOMENTUM))?
+                + (batch.detach() * BN_MOMENTUM)?)?;
             v.set(&updated)?;
         }
     }
@@ -349,12 +358,6 @@ pub fn write_component<C: Serialize>(
     file_name: &str,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut json = serde_json::to_value(config).map_err(|e| Error::InvalidInput(e.to_string()))?;
-    if let Some(obj) = json.as_object_mut() {
-        obj.insert("_class_name".into(), class_name.into());
-    }
-    let text =
-        serde_json::to_string_pretty(&json).map_err(|e| Error::InvalidInput(e.to_string()))?;
     let mut sorted: Vec<(&String, &Tensor)> = weights.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let file = dir.join(file_name);
@@ -363,5 +366,16 @@ pub fn write_component<C: Serialize>(
         message: e.to_string(),
     })?;
     write_atomically(&file, &bytes)?;
+    write_config(dir, class_name, config)
+}
+
+/// Writes a component's `config.json`, with diffusers' `_class_name`.
+pub fn write_config<C: Serialize>(dir: &Path, class_name: &str, config: &C) -> Result<()> {
+    let mut json = serde_json::to_value(config).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("_class_name".into(), class_name.into());
+    }
+    let text =
+        serde_json::to_string_pretty(&json).map_err(|e| Error::InvalidInput(e.to_string()))?;
     write_atomically(&dir.join("config.json"), text.as_bytes())
 }

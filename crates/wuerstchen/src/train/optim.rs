@@ -76,11 +76,12 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = (g * scale)?;
-            let m = ((&self.m[name] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[name] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            // detached: otherwise each moment would keep every earlier step's graph alive
+            let g = (g.detach() * scale)?;
+            let m = ((&self.m[name] * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
+            let v = ((&self.v[name] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
+            let decayed = (var.as_tensor().detach() * (1.0 - lr * c.weight_decay))?;
             var.set(&(decayed - (update * lr)?)?)?;
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
@@ -109,7 +110,7 @@ impl Ema {
         let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
         for (n, v) in vars {
             let s = &self.shadow[n];
-            let new = ((s * d)? + (v.as_tensor() * (1.0 - d))?)?;
+            let new = ((s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
             self.shadow.insert(n.clone(), new);
         }
         Ok(())

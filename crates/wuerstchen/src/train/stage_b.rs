@@ -7,9 +7,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::{fold_batch_stats, init_batch_norm, require_stage, write_component, StageTrainer};
+use super::data::ImageFolder;
+use super::{
+    fold_batch_stats, init_batch_norm, require_stage, write_component, write_config, StageTrainer,
+};
 use crate::compressor::{CompressorConfig, SemanticCompressor};
-use crate::config::{DiffNeXtConfig, SchedulerConfig};
+use crate::config::{DiffNeXtConfig, PaellaVQConfig, SchedulerConfig};
 use crate::error::{Error, Result};
 use crate::noise::SeededRng;
 use crate::scheduler::DdpmWuerstchenScheduler;
@@ -28,6 +31,8 @@ pub struct StageBTrainer {
     decoder: WuerstchenDiffNeXt,
     compressor: SemanticCompressor,
     vqgan: PaellaVQModel,
+    /// Stage A's config with the measured latent scale as `scale_factor`
+    vqgan_config: PaellaVQConfig,
     scheduler: DdpmWuerstchenScheduler,
 }
 
@@ -37,6 +42,7 @@ impl StageBTrainer {
         config: DiffNeXtConfig,
         compressor_config: CompressorConfig,
         out: &Path,
+        data: &ImageFolder,
         device: &Device,
     ) -> Result<Self> {
         if config.level_config.iter().any(|l| l.contains('A')) {
@@ -48,7 +54,20 @@ impl StageBTrainer {
         }
         let vq_dir = out.join("decoder/vqgan");
         require_stage(&vq_dir, "Stage A", "stage-a")?;
-        let (vqgan, _) = PaellaVQModel::load(&vq_dir, DType::F32, device)?;
+        let (vqgan, vqgan_config) = PaellaVQModel::load(&vq_dir, DType::F32, device)?;
+        // Stage A's latents can come out at any scale (ours: std ~0.05), and diffusion
+        // needs unit variance: measure it on the first images, as Stable Diffusion's
+        // scale factor was, and record it as the VQGAN's `scale_factor`, which the
+        // pipeline multiplies back before decoding.
+        let probe: Vec<&Tensor> = data.images.iter().take(32).collect();
+        let probe = Tensor::stack(&probe, 0)?.to_device(device)?;
+        let latent_scale = vqgan.encode(&probe)?.flatten_all()?.to_dtype(DType::F64)?;
+        let mean = latent_scale.mean_all()?.to_scalar::<f64>()?;
+        let latent_scale = (latent_scale - mean)?
+            .sqr()?
+            .mean_all()?
+            .sqrt()?
+            .to_scalar::<f64>()?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let decoder = WuerstchenDiffNeXt::new(&config, vb.pp("decoder"))?;
@@ -71,6 +90,10 @@ impl StageBTrainer {
             decoder,
             compressor,
             vqgan,
+            vqgan_config: PaellaVQConfig {
+                scale_factor: latent_scale,
+                ..vqgan_config
+            },
             scheduler: DdpmWuerstchenScheduler::new(SchedulerConfig::default()),
         })
     }
@@ -96,7 +119,7 @@ impl StageTrainer for StageBTrainer {
         let dev = images.device();
         let b = images.dim(0)?;
         // the target: Stage A latents as the pipeline decodes them (scale_factor * x)
-        let latents = (self.vqgan.encode(images)? / self.vqgan.scale_factor)?.detach();
+        let latents = (self.vqgan.encode(images)? / self.vqgan_config.scale_factor)?.detach();
         let (effnet, mean, var) = self.compressor.forward_train(images)?;
         let (_, _, h, w) = effnet.dims4()?;
         fold_batch_stats(&self.varmap, "compressor.mapper.1", &mean, &var, b * h * w)?;
@@ -129,6 +152,11 @@ impl StageTrainer for StageBTrainer {
                 .collect()
         };
         let file = "diffusion_pytorch_model.safetensors";
+        write_config(
+            &out.join("decoder/vqgan"),
+            "PaellaVQModel",
+            &self.vqgan_config,
+        )?;
         write_component(
             &out.join("decoder/decoder"),
             "WuerstchenDiffNeXt",
