@@ -1,24 +1,16 @@
 //! `wuerstchen forward`, the contract of issue 2, run as a user runs it.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wuerstchen-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{bin, fixtures, scratch};
 
 fn forward(component: &str, model: &Path, inputs: &Path, output: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
+    bin()
         .args(["forward", component, "--model"])
         .arg(model)
         .arg("--inputs")

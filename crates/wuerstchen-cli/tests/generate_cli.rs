@@ -1,19 +1,15 @@
 //! `wuerstchen generate` and `inspect`, the contract of issue 3, run as a user runs them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::{bin, fixtures, scratch};
 use wuerstchen::image_io::read_png;
 
 fn pipeline_fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wuerstchen-gen-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    fixtures().join("pipeline")
 }
 
 /// The cheapest run of the fixture pipelines: 128 x 128, one step per stage.
@@ -29,10 +25,7 @@ const TINY: [&str; 8] = [
 ];
 
 fn wuerstchen(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
-        .args(args)
-        .output()
-        .unwrap()
+    bin().args(args).output().unwrap()
 }
 
 /// `generate` on the tiny fixture pipelines with the given extra flags.
@@ -479,7 +472,7 @@ fn default_size_follows_the_model_folder() {
 fn hub_ids_are_found_in_the_hugging_face_cache() {
     let cache = scratch("hfcache");
     let run = |out: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
+        bin()
             .env("HF_HUB_CACHE", &cache)
             .args(["generate", "x", "--quiet", "--seed", "1", "--out"])
             .arg(out)

@@ -1,25 +1,17 @@
 //! `wuerstchen dataset` and `wuerstchen train`, run as a user runs them.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use common::{bin, fixtures, scratch};
 use wuerstchen::compressor::SemanticCompressor;
 use wuerstchen::stage_a::PaellaVQModel;
 use wuerstchen::stage_b::WuerstchenDiffNeXt;
 use wuerstchen::weights::FromFolder;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wuerstchen-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap()
@@ -268,7 +260,7 @@ fn bad_training_data_is_named_and_nothing_is_written() {
 }
 
 fn tokenizer_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer")
+    fixtures().join("tokenizer")
 }
 
 /// Runs a stage and returns its (step, loss) log.

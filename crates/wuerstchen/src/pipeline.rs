@@ -384,10 +384,7 @@ impl WuerstchenPipeline {
         if guidance {
             prompts.push(params.negative_prompt.as_str());
         }
-        let batch = tokenizer.encode_batch(&prompts)?;
-        let dev = &self.device;
-        let ids = Tensor::new(batch.input_ids, dev)?;
-        let mask = Tensor::new(batch.attention_mask, dev)?;
+        let (ids, mask) = tokenizer.encode_tensors(&prompts, &self.device)?;
         let hidden = encoder.forward(&ids, &mask)?; // (1 or 2, 77, D)
         let b = params.num_images;
         let (_, l, d) = hidden.dims3()?;

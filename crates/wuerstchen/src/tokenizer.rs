@@ -158,4 +158,17 @@ impl ClipTokenizer {
         }
         Ok(batch)
     }
+
+    /// `encode_batch` as tensors: ids (B, 77) and attention mask (B, 77), both U32.
+    pub fn encode_tensors(
+        &self,
+        prompts: &[&str],
+        device: &candle_core::Device,
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        let batch = self.encode_batch(prompts)?;
+        Ok((
+            candle_core::Tensor::new(batch.input_ids, device)?,
+            candle_core::Tensor::new(batch.attention_mask, device)?,
+        ))
+    }
 }

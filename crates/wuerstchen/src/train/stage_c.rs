@@ -10,7 +10,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 
 use super::stage_b::uniform;
-use super::text_encoder::{load_compressor, tokenize};
+use super::text_encoder::load_compressor;
 use super::{require_stage, write_component, StageTrainer};
 use crate::clip::ClipTextModel;
 use crate::compressor::SemanticCompressor;
@@ -118,7 +118,7 @@ impl StageTrainer for StageCTrainer {
                 }
             })
             .collect();
-        let (ids, mask) = tokenize(&self.tokenizer, &caps, dev)?;
+        let (ids, mask) = self.tokenizer.encode_tensors(&caps, dev)?;
         let text = self.text_encoder.forward(&ids, &mask)?.detach();
         let t = uniform(rng, b);
         let noise = rng.randn(x0.dims(), dev)?;

@@ -37,19 +37,6 @@ pub(crate) fn load_compressor(out: &Path, device: &Device) -> Result<SemanticCom
     Ok(SemanticCompressor::load(&dir, DType::F32, device)?.0)
 }
 
-/// Token ids (B, 77) and masks of a batch of captions.
-pub(crate) fn tokenize(
-    tok: &ClipTokenizer,
-    captions: &[&str],
-    dev: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let batch = tok.encode_batch(captions)?;
-    Ok((
-        Tensor::new(batch.input_ids, dev)?,
-        Tensor::new(batch.attention_mask, dev)?,
-    ))
-}
-
 impl TextEncoderTrainer {
     pub fn new(
         config: ClipTextConfig,
@@ -126,7 +113,7 @@ impl StageTrainer for TextEncoderTrainer {
     fn loss(&mut self, images: &Tensor, captions: &[String], _: &mut SeededRng) -> Result<Tensor> {
         let dev = images.device();
         let caps: Vec<&str> = captions.iter().map(String::as_str).collect();
-        let (ids, mask) = tokenize(&self.tokenizer, &caps, dev)?;
+        let (ids, mask) = self.tokenizer.encode_tensors(&caps, dev)?;
         let hidden = self.encoder.forward(&ids, &mask)?; // (B, 77, D)
                                                          // CLIP pools at the end-of-text token: the last unmasked position
         let last = mask
