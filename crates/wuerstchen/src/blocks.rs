@@ -7,6 +7,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
+use crate::depthwise::DepthwiseConv2d;
+
 /// `x` in the precision statistics are computed in: f32 for half types, f64 stays.
 pub fn upcast(x: &Tensor) -> Result<Tensor> {
     match x.dtype() {
@@ -75,13 +77,13 @@ pub fn conv1x1(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> {
 }
 
 /// A depthwise conv with `same` zero padding, as the ResBlocks use.
-pub fn depthwise(c_in: usize, c_out: usize, kernel: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: kernel / 2,
-        groups: c_out,
-        ..Default::default()
-    };
-    conv2d(c_in, c_out, kernel, cfg, true, vb)
+pub fn depthwise(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    vb: VarBuilder,
+) -> Result<DepthwiseConv2d> {
+    DepthwiseConv2d::new(c_in, c_out, kernel, kernel / 2, vb)
 }
 
 /// The sinusoidal embedding of the noise level `r` in [0, 1], `gen_r_embedding`.
@@ -198,7 +200,7 @@ impl ChannelMlp {
 /// `ResBlock` (Stage C): the skip joins before the depthwise conv.
 #[derive(Debug, Clone)]
 pub struct ResBlock {
-    depthwise: Conv2d,
+    depthwise: DepthwiseConv2d,
     channelwise: ChannelMlp,
 }
 

@@ -5,13 +5,14 @@ use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Li
 
 use crate::blocks::{conv1x1, conv2d, from_tokens, layer_norm, to_tokens, BatchNorm};
 use crate::config::PaellaVQConfig;
+use crate::depthwise::DepthwiseConv2d;
 
 /// `MixingResidualBlock`: depthwise conv (replication padded) and channel MLP, each
 /// behind a layer norm whose scale and shift, and the branch gain, are six learned
 /// scalars.
 #[derive(Debug, Clone)]
 pub struct MixingResidualBlock {
-    depthwise: Conv2d,
+    depthwise: DepthwiseConv2d,
     fc1: Linear,
     fc2: Linear,
     gammas: Tensor,
@@ -19,13 +20,9 @@ pub struct MixingResidualBlock {
 
 impl MixingResidualBlock {
     pub fn new(c: usize, embed_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let dw = Conv2dConfig {
-            groups: c,
-            ..Default::default()
-        };
         Ok(Self {
             // depthwise = Sequential(ReplicationPad2d(1), Conv2d(groups=c))
-            depthwise: conv2d(c, c, 3, dw, true, vb.pp("depthwise").pp("1"))?,
+            depthwise: DepthwiseConv2d::new(c, c, 3, 0, vb.pp("depthwise").pp("1"))?,
             // channelwise = Sequential(Linear, GELU, Linear)
             fc1: candle_nn::linear(c, embed_dim, vb.pp("channelwise").pp("0"))?,
             fc2: candle_nn::linear(embed_dim, c, vb.pp("channelwise").pp("2"))?,

@@ -12,13 +12,14 @@ use crate::blocks::{
     to_tokens, AttnBlock, ChannelMlp, TimestepBlock,
 };
 use crate::config::DiffNeXtConfig;
+use crate::depthwise::DepthwiseConv2d;
 use crate::resize::resize_bicubic_aa;
 
 /// `ResBlockStageB`: unlike Stage C's ResBlock the skip joins after the depthwise conv,
 /// so the depthwise conv sees only `c` channels.
 #[derive(Debug, Clone)]
 pub struct ResBlockStageB {
-    depthwise: Conv2d,
+    depthwise: DepthwiseConv2d,
     channelwise: ChannelMlp,
 }
 
