@@ -509,6 +509,25 @@ def pipeline_fixtures(gen):
               f"8-bit mean {arr.mean():.1f}, saturated {((arr == 0) | (arr == 255)).mean():.1%}")
 
 
+def jpeg_fixture():
+    """A small JPEG training sample (4:2:0, as cameras write them) with its caption, and
+    libjpeg's decoding of it (through Pillow) as a PNG: our decoder must agree."""
+    from PIL import Image, ImageDraw
+    import numpy as np
+
+    folder = OUT / "jpeg"
+    folder.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (32, 32), (30, 60, 220))
+    ImageDraw.Draw(img).ellipse((6, 6, 25, 25), fill=(220, 40, 40))
+    (folder / "data").mkdir(exist_ok=True)
+    img.save(folder / "data" / "00000.jpg", quality=90, subsampling=2)
+    (folder / "data" / "00000.txt").write_text("a red circle on a blue background\n")
+    decoded = Image.open(folder / "data" / "00000.jpg").convert("RGB")
+    decoded.save(folder / "libjpeg_decoded.png")
+    write_header(folder, component="jpeg", pillow=Image.__version__)
+    print(f"jpeg: 32x32, mean {np.asarray(decoded).mean():.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=20240117)
@@ -525,6 +544,7 @@ def main():
     text_encoder_cases(gen, tok)
     full_size_layouts()
     pipeline_fixtures(gen)
+    jpeg_fixture()
 
 
 if __name__ == "__main__":

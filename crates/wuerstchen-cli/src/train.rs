@@ -51,6 +51,10 @@ pub struct TrainArgs {
     /// Tokenizer folder (tokenizer.json, or vocab.json + merges.txt) for text-encoder.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// stage-b only: keep the compressor an earlier stage-b run exported (MODEL/compressor)
+    /// and train the decoder alone, e.g. while text-encoder and stage-c train on it.
+    #[arg(long)]
+    freeze_compressor: bool,
     /// Store the exported weights in f16.
     #[arg(long)]
     export_f16: bool,
@@ -61,6 +65,9 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
+    if a.freeze_compressor && !matches!(a.stage, StageArg::StageB) {
+        anyhow::bail!("--freeze-compressor applies to stage-b only");
+    }
     let data = ImageFolder::load(&a.data, None)?;
     let opts = TrainOptions {
         data: a.data,
@@ -87,6 +94,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             &opts.out,
             &data,
             &device,
+            a.freeze_compressor,
         )?),
         StageArg::TextEncoder => {
             let Some(tok) = &a.tokenizer else {

@@ -175,6 +175,26 @@ fn stage_b_learns_on_a_trained_stage_a_and_its_export_loads() {
         vq_cfg.scale_factor != 1.0 && (0.3..3.0).contains(&std),
         "std {std}"
     );
+
+    // --freeze-compressor: the decoder goes on from the checkpoint, the compressor
+    // (what the text encoder and Stage C learn from) stays byte for byte
+    let compressor = out.join("compressor/diffusion_pytorch_model.safetensors");
+    let decoder = out.join("decoder/decoder/diffusion_pytorch_model.safetensors");
+    let (c_before, d_before) = (
+        std::fs::read(&compressor).unwrap(),
+        std::fs::read(&decoder).unwrap(),
+    );
+    let res = run(train_stage("stage-b", &data, &out, 64, 64).arg("--freeze-compressor"));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    let steps: Vec<usize> = losses(&stderr).iter().map(|x| x.0).collect();
+    assert_eq!(steps, (61..=64).collect::<Vec<_>>());
+    assert!(losses(&stderr).iter().all(|x| x.1.is_finite()));
+    assert_eq!(std::fs::read(&compressor).unwrap(), c_before);
+    assert_ne!(std::fs::read(&decoder).unwrap(), d_before);
+    // and it is refused where it means nothing
+    let res = run(train_stage_a(&data, &out, 1, 1).arg("--freeze-compressor"));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("stage-b only"));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -232,7 +252,7 @@ fn bad_training_data_is_named_and_nothing_is_written() {
     };
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    fails(&empty, "no .png images");
+    fails(&empty, "no .png or .jpg images");
     fails(&dir.join("absent"), "absent");
 
     let data = dir.join("data");

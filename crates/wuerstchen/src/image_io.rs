@@ -109,6 +109,39 @@ pub struct DecodedPng {
     pub texts: Vec<(String, String)>,
 }
 
+/// Reads a PNG or JPEG (by extension) as 8-bit RGB: what training folders may hold.
+pub fn read_image(path: &Path) -> Result<RgbImage> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    if !matches!(ext.as_deref(), Some("jpg" | "jpeg")) {
+        return Ok(read_png(path)?.image);
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let options = zune_core::options::DecoderOptions::default()
+        .jpeg_set_out_colorspace(zune_core::colorspace::ColorSpace::RGB);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(&bytes, options);
+    let data = decoder.decode().map_err(|e| {
+        Error::InvalidInput(format!("{}: not a readable JPEG: {e:?}", path.display()))
+    })?;
+    let (width, height) = decoder
+        .dimensions()
+        .ok_or_else(|| Error::InvalidInput(format!("{}: JPEG without size", path.display())))?;
+    if data.len() != width * height * 3 {
+        return Err(Error::InvalidInput(format!(
+            "{}: JPEG decoded to {} bytes, not {width}x{height} RGB",
+            path.display(),
+            data.len()
+        )));
+    }
+    Ok(RgbImage {
+        width,
+        height,
+        data,
+    })
+}
+
 /// Reads an 8-bit RGB or RGBA PNG (alpha dropped) and its tEXt / zTXt / iTXt chunks.
 pub fn read_png(path: &Path) -> Result<DecodedPng> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;

@@ -30,6 +30,8 @@ pub struct StageBTrainer {
     varmap: VarMap,
     decoder: WuerstchenDiffNeXt,
     compressor: SemanticCompressor,
+    /// The compressor comes from `MODEL/compressor` and stays as it is (see `new`).
+    frozen_compressor: bool,
     vqgan: PaellaVQModel,
     /// Stage A's config with the measured latent scale as `scale_factor`
     vqgan_config: PaellaVQConfig,
@@ -38,12 +40,19 @@ pub struct StageBTrainer {
 
 impl StageBTrainer {
     /// Needs the trained Stage A at `out/decoder/vqgan`.
+    ///
+    /// With `freeze_compressor`, the compressor an earlier run exported to
+    /// `out/compressor` is loaded and left alone (inference mode: running statistics),
+    /// and only the decoder trains. The text encoder and Stage C learn that frozen
+    /// compressor's features, so the decoder can go on learning to draw them while
+    /// they train, in parallel, and it sees exactly the features they will produce.
     pub fn new(
         config: DiffNeXtConfig,
         compressor_config: CompressorConfig,
         out: &Path,
         data: &ImageFolder,
         device: &Device,
+        freeze_compressor: bool,
     ) -> Result<Self> {
         if config.level_config.iter().any(|l| l.contains('A')) {
             return Err(Error::InvalidParameter(
@@ -71,8 +80,19 @@ impl StageBTrainer {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let decoder = WuerstchenDiffNeXt::new(&config, vb.pp("decoder"))?;
-        let compressor = SemanticCompressor::new(&compressor_config, vb.pp("compressor"))?;
-        init_batch_norm(&varmap, "compressor.mapper.1")?;
+        let (compressor, compressor_config) = if freeze_compressor {
+            let dir = out.join("compressor");
+            require_stage(
+                &dir,
+                "semantic compressor",
+                "stage-b (without --freeze-compressor)",
+            )?;
+            SemanticCompressor::load(&dir, DType::F32, device)?
+        } else {
+            let c = SemanticCompressor::new(&compressor_config, vb.pp("compressor"))?;
+            init_batch_norm(&varmap, "compressor.mapper.1")?;
+            (c, compressor_config)
+        };
         // diffusers' `_init_weights`: a zero output head (b = sigmoid(bias) instead of
         // a random scale near 1e-3 that would blow the first losses up to ~1e3) and
         // zero timestep modulation
@@ -89,6 +109,7 @@ impl StageBTrainer {
             varmap,
             decoder,
             compressor,
+            frozen_compressor: freeze_compressor,
             vqgan,
             vqgan_config: PaellaVQConfig {
                 scale_factor: latent_scale,
@@ -120,9 +141,14 @@ impl StageTrainer for StageBTrainer {
         let b = images.dim(0)?;
         // the target: Stage A latents as the pipeline decodes them (scale_factor * x)
         let latents = (self.vqgan.encode(images)? / self.vqgan_config.scale_factor)?.detach();
-        let (effnet, mean, var) = self.compressor.forward_train(images)?;
-        let (_, _, h, w) = effnet.dims4()?;
-        fold_batch_stats(&self.varmap, "compressor.mapper.1", &mean, &var, b * h * w)?;
+        let effnet = if self.frozen_compressor {
+            self.compressor.forward(images)?.detach()
+        } else {
+            let (effnet, mean, var) = self.compressor.forward_train(images)?;
+            let (_, _, h, w) = effnet.dims4()?;
+            fold_batch_stats(&self.varmap, "compressor.mapper.1", &mean, &var, b * h * w)?;
+            effnet
+        };
         let keep: Vec<f32> = uniform(rng, b)
             .into_iter()
             .map(|u| {
@@ -164,6 +190,9 @@ impl StageTrainer for StageBTrainer {
             &part("decoder."),
             file,
         )?;
+        if self.frozen_compressor {
+            return Ok(());
+        }
         write_component(
             &out.join("compressor"),
             "SemanticCompressor",

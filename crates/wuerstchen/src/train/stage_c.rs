@@ -146,18 +146,33 @@ impl StageTrainer for StageCTrainer {
         let side = self.feature_side;
         let resolution_multiple = self.image_size as f64 / side as f64;
         let latent_dim_scale = (self.image_size / 4) as f64 / side as f64;
-        let prior_index = json!({
+        // the component table diffusers' model_index.json carries, then our numbers
+        let shared = json!({
+            "scheduler": ["diffusers", "DDPMWuerstchenScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+        });
+        let with_shared = |mut index: serde_json::Value| {
+            if let (Some(i), Some(s)) = (index.as_object_mut(), shared.as_object()) {
+                i.extend(s.clone());
+            }
+            index
+        };
+        let prior_index = with_shared(json!({
             "_class_name": "WuerstchenPriorPipeline",
+            "prior": ["diffusers", "WuerstchenPrior"],
             "latent_mean": 1.0,
             "latent_std": 0.0,
             "resolution_multiple": resolution_multiple,
             "default_width": self.image_size,
             "default_height": self.image_size,
-        });
-        let decoder_index = json!({
+        }));
+        let decoder_index = with_shared(json!({
             "_class_name": "WuerstchenDecoderPipeline",
+            "decoder": ["diffusers", "WuerstchenDiffNeXt"],
+            "vqgan": ["diffusers", "PaellaVQModel"],
             "latent_dim_scale": latent_dim_scale,
-        });
+        }));
         let scheduler =
             serde_json::to_string_pretty(&SchedulerConfig::default()).unwrap_or_default();
         for (pipeline, index) in [("prior", prior_index), ("decoder", decoder_index)] {
