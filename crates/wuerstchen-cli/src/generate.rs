@@ -6,10 +6,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
-use wuerstchen::hub;
 use wuerstchen::image_io::{encode_png, write_atomically};
 use wuerstchen::noise::NoiseSource;
 use wuerstchen::pipeline::{GenerationParams, Progress, Stage, WuerstchenPipeline};
+use wuerstchen::{default_model, hub};
 
 use crate::GenerateArgs;
 
@@ -42,7 +42,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut noise = match &args.noise {
         Some(path) => NoiseSource::from_file(path)?,
         None => {
-            let seed = *params.seed.get_or_insert_with(random_seed);
+            let seed = *params
+                .seed
+                .get_or_insert_with(wuerstchen::noise::random_seed);
             eprintln!("seed {seed}");
             NoiseSource::seeded(seed)
         }
@@ -77,7 +79,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
+pub fn parse_dtype(s: &str) -> Result<DType> {
     Ok(match s {
         "f32" => DType::F32,
         "f16" => DType::F16,
@@ -86,7 +88,7 @@ fn parse_dtype(s: &str) -> Result<DType> {
     })
 }
 
-fn parse_device(s: &str) -> Result<Device> {
+pub fn parse_device(s: &str) -> Result<Device> {
     if s == "cpu" {
         return Ok(Device::Cpu);
     }
@@ -106,14 +108,33 @@ fn parse_device(s: &str) -> Result<Device> {
 
 /// The pipeline folders: `--prior/--decoder` (a folder, or a hub id such as
 /// `warp-ai/wuerstchen-prior` found in the Hugging Face cache); without them, the
-/// official pipelines if the cache holds them.
-fn locate_models(prior: Option<PathBuf>, decoder: Option<PathBuf>) -> Result<(PathBuf, PathBuf)> {
-    let prior = prior.unwrap_or_else(|| PathBuf::from(hub::PRIOR_REPO));
-    let decoder = decoder.unwrap_or_else(|| PathBuf::from(hub::DECODER_REPO));
-    Ok((
-        resolve(prior, "--prior", "prior")?,
-        resolve(decoder, "--decoder", "decoder")?,
-    ))
+/// embedded default model. One without the other would pair two unrelated models.
+pub fn locate_models(
+    prior: Option<PathBuf>,
+    decoder: Option<PathBuf>,
+) -> Result<(PathBuf, PathBuf)> {
+    match (prior, decoder) {
+        (Some(prior), Some(decoder)) => Ok((
+            resolve(prior, "--prior", "prior")?,
+            resolve(decoder, "--decoder", "decoder")?,
+        )),
+        (None, None) => {
+            let root = default_model::materialize()?;
+            Ok((root.join("prior"), root.join("decoder")))
+        }
+        (Some(_), None) => bail!(
+            "--prior given without --decoder: give both (e.g. --prior {} --decoder {}), \
+             or neither for the embedded default model",
+            hub::PRIOR_REPO,
+            hub::DECODER_REPO
+        ),
+        (None, Some(_)) => bail!(
+            "--decoder given without --prior: give both (e.g. --prior {} --decoder {}), \
+             or neither for the embedded default model",
+            hub::PRIOR_REPO,
+            hub::DECODER_REPO
+        ),
+    }
 }
 
 /// A folder as given, or a hub id resolved in the local Hugging Face cache.
@@ -155,19 +176,6 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     (0..n)
         .map(|i| out.with_file_name(format!("{stem}-{i}{ext}")))
         .collect()
-}
-
-/// A seed from the OS's hash randomness: no extra dependency, different every run.
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() >> 11 // keep it exactly representable as f64 / JSON number
 }
 
 /// One progress bar per denoising stage, with it/s.

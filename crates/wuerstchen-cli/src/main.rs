@@ -48,6 +48,45 @@ enum Command {
     },
     /// Train one stage on a folder of captioned images (PNG + same-stem .txt).
     Train(train::TrainArgs),
+    /// Judge a shapes model: generate from captions of the dataset grammar (a quarter
+    /// held out), analyse each image, print the confusion figures.
+    Eval {
+        /// Captions to generate (image i uses seed SEED + i).
+        #[arg(long, default_value_t = 48)]
+        count: usize,
+        #[arg(long, default_value_t = wuerstchen::analysis::EVAL_SEED)]
+        seed: u64,
+        /// Prior pipeline folder or hub id; with --decoder. Default: the embedded model.
+        #[arg(long)]
+        prior: Option<PathBuf>,
+        #[arg(long)]
+        decoder: Option<PathBuf>,
+        /// Also save the images here, named by index and caption.
+        #[arg(long)]
+        images: Option<PathBuf>,
+    },
+    /// Serve predictions over HTTP (Replicate's Cog API) and a web page.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 5000)]
+        port: u16,
+        /// Prior pipeline folder or hub id; with --decoder. Default: the embedded model.
+        #[arg(long)]
+        prior: Option<PathBuf>,
+        #[arg(long)]
+        decoder: Option<PathBuf>,
+        /// Predictions that may wait behind the running one; without it a busy server
+        /// answers 409, as Cog does.
+        #[arg(long, default_value_t = 0)]
+        queue: usize,
+        /// f32 | f16 | bf16
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// cpu | cuda | cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Print the generation parameters stored in a PNG written by `generate`.
     Inspect {
         /// The PNG file.
@@ -137,6 +176,83 @@ fn pin_thread_count() {
     }
 }
 
+fn serve(
+    host: &str,
+    port: u16,
+    prior: Option<PathBuf>,
+    decoder: Option<PathBuf>,
+    queue: usize,
+    dtype: &str,
+    device: &str,
+) -> Result<()> {
+    let addr: std::net::SocketAddr = format!("{host}:{port}")
+        .parse()
+        .or_else(|_| {
+            use std::net::ToSocketAddrs;
+            (host, port)
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| std::io::Error::other("no address"))
+        })
+        .with_context(|| format!("--host {host} --port {port} is not an address to listen on"))?;
+    let (prior, decoder) = generate::locate_models(prior, decoder)?;
+    let spec = wuerstchen_server::worker::ModelSpec {
+        prior,
+        decoder,
+        device: generate::parse_device(device)?,
+        dtype: generate::parse_dtype(dtype)?,
+    };
+    // tensor work runs on the server's own model thread; the runtime only does I/O
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime
+        .block_on(wuerstchen_server::serve(addr, spec, queue))
+        .with_context(|| format!("serving on {addr}"))
+}
+
+fn eval(
+    count: usize,
+    seed: u64,
+    prior: Option<PathBuf>,
+    decoder: Option<PathBuf>,
+    images: Option<PathBuf>,
+) -> Result<()> {
+    use wuerstchen::analysis::evaluate;
+    use wuerstchen::image_io::{encode_png, write_atomically};
+    let (prior, decoder) = generate::locate_models(prior, decoder)?;
+    let pipeline = wuerstchen::pipeline::WuerstchenPipeline::open(
+        &prior,
+        &decoder,
+        Device::Cpu,
+        candle_core::DType::F32,
+    )?;
+    if let Some(dir) = &images {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut saved = Ok(());
+    let report = evaluate(&pipeline, count, seed, &mut |i, spec, image, found| {
+        let caption = spec.caption();
+        eprintln!(
+            "{i:>3} {caption:<60} found {} {} on {}",
+            found
+                .color
+                .map_or("-", |c| wuerstchen::dataset::COLORS[c].0),
+            found.shape.map_or("-", |s| wuerstchen::dataset::SHAPES[s]),
+            wuerstchen::dataset::COLORS[found.background].0,
+        );
+        if let (Some(dir), Ok(())) = (&images, &saved) {
+            let path = dir.join(format!("{i:03}-{}.png", caption.replace(' ', "_")));
+            saved =
+                encode_png(image, Some(&caption)).and_then(|bytes| write_atomically(&path, &bytes));
+        }
+    })?;
+    saved?;
+    print!("{report}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     pin_thread_count();
     let cli = Cli::parse();
@@ -149,6 +265,22 @@ fn main() -> ExitCode {
         } => forward(&component, &model, &inputs, &output),
         Command::Generate(args) => generate::run(*args),
         Command::Inspect { file } => inspect(&file),
+        Command::Serve {
+            host,
+            port,
+            prior,
+            decoder,
+            queue,
+            dtype,
+            device,
+        } => serve(&host, port, prior, decoder, queue, &dtype, &device),
+        Command::Eval {
+            count,
+            seed,
+            prior,
+            decoder,
+            images,
+        } => eval(count, seed, prior, decoder, images),
         Command::Train(args) => train::run(args),
         Command::Dataset {
             kind:

@@ -511,3 +511,47 @@ fn hub_ids_are_found_in_the_hugging_face_cache() {
     assert!(text.contains("Model: warp-ai/wuerstchen-prior"), "{text}");
     std::fs::remove_dir_all(cache).unwrap();
 }
+
+#[test]
+fn without_model_flags_the_embedded_default_model_draws_at_its_own_size() {
+    let dir = scratch("default");
+    let cache = dir.join("cache");
+    let run = |extra: &[&str], out: &Path| {
+        bin()
+            .env("WUERSTCHEN_CACHE", &cache)
+            .args(["generate", "a red circle on a blue background", "--quiet"])
+            .args(["--seed", "3", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = dir.join("default.png");
+    let res = run(&[], &out);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let png = read_png(&out).unwrap();
+    assert_eq!((png.image.width, png.image.height), (128, 128));
+    let text = wuerstchen::image_io::read_parameters(&out)
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("Model: wuerstchen-default-"), "{text}");
+    // the second run finds the materialised copy and draws the same bytes
+    let again = dir.join("again.png");
+    assert!(run(&[], &again).status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+    // one model flag without the other is refused before anything is written
+    for flag in ["--prior", "--decoder"] {
+        let half = dir.join("half.png");
+        let res = run(&[flag, "warp-ai/wuerstchen"], &half);
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success());
+        assert!(stderr.contains("give both"), "{stderr}");
+        assert!(!half.exists());
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

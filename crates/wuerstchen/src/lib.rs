@@ -10,6 +10,7 @@ pub mod blocks;
 pub mod clip;
 pub mod compressor;
 pub mod dataset;
+pub mod default_model;
 pub mod depthwise;
 pub mod forward;
 pub mod hub;

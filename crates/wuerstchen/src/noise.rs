@@ -187,6 +187,20 @@ impl NoiseSource {
     }
 }
 
+/// A fresh seed for a run that was given none: from the clock and the process's
+/// random hasher keys, kept below 2^53 so it survives JSON and f64 round trips.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() >> 11 // keep it exactly representable as f64 / JSON number
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

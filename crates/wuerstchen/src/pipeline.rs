@@ -310,7 +310,7 @@ impl WuerstchenPipeline {
     }
 
     /// A short name for the PNG metadata: the hub repository of a cached snapshot,
-    /// else the prior folder's name.
+    /// else the prior folder's name, or for our own layout (`MODEL/prior`) the model's.
     pub fn model_name(&self) -> String {
         let dir = self
             .prior_dir
@@ -330,7 +330,13 @@ impl WuerstchenPipeline {
         if let Some(repo) = repo {
             return repo;
         }
-        dir.file_name()
+        let named = if dir.file_name().is_some_and(|n| n == "prior") {
+            dir.parent().unwrap_or(&dir)
+        } else {
+            &dir
+        };
+        named
+            .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "wuerstchen".into())
     }

@@ -21,3 +21,76 @@ pub fn scratch(name: &str) -> PathBuf {
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
 }
+
+/// Starts `wuerstchen serve --port 0` on the fixture pipelines (plus `extra` flags);
+/// returns the child and the port it announced ("listening on http://127.0.0.1:PORT").
+/// Its stderr keeps being drained so it never blocks on a full pipe.
+pub fn spawn_server(extra: &[&str]) -> (std::process::Child, u16) {
+    use std::io::BufRead;
+    let p = fixtures().join("pipeline");
+    let mut child = bin()
+        .args(["serve", "--port", "0", "--prior"])
+        .arg(p.join("prior"))
+        .arg("--decoder")
+        .arg(p.join("decoder"))
+        .args(extra)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    let port = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    std::thread::spawn(move || for _ in lines {});
+    (child, port)
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port`; the status and the body as JSON (or as a
+/// string when it is not JSON). Reads exactly Content-Length bytes, so it works with
+/// servers that keep the connection open.
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, serde_json::Value)> {
+    use std::io::{BufRead, Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    s.write_all(format!("{head}\r\n{body}").as_bytes())?;
+    let mut reader = std::io::BufReader::new(s);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut len = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut raw = vec![0; len];
+    reader.read_exact(&mut raw)?;
+    let value = serde_json::from_slice(&raw)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&raw).into_owned()));
+    Ok((status, value))
+}
