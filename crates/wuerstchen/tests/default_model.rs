@@ -39,14 +39,23 @@ fn evaluate_default_model(tag: &str) -> Evaluation {
 fn the_default_model_paints_the_background_it_is_told() {
     let eval = evaluate_default_model("background");
     assert_eq!(eval.background.total(), 48);
-    assert!(eval.background.accuracy() >= 0.9, "background below 90%\n{eval}");
+    assert!(
+        eval.background.accuracy() >= 0.9,
+        "background below 90%\n{eval}"
+    );
 }
 
 #[test]
 #[ignore = "issue 4: the shipped default model does not meet the colour and shape bar yet"]
 fn the_default_model_draws_what_it_is_told() {
     let eval = evaluate_default_model("full-bar");
-    assert!(eval.color.accuracy() >= 0.9, "shape colour below 90%\n{eval}");
-    assert!(eval.background.accuracy() >= 0.9, "background below 90%\n{eval}");
+    assert!(
+        eval.color.accuracy() >= 0.9,
+        "shape colour below 90%\n{eval}"
+    );
+    assert!(
+        eval.background.accuracy() >= 0.9,
+        "background below 90%\n{eval}"
+    );
     assert!(eval.shape.accuracy() >= 0.75, "shape below 75%\n{eval}");
 }
