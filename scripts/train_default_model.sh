@@ -19,7 +19,7 @@ STEPS_A=${STEPS_A:-800}
 STEPS_B_JOINT=${STEPS_B_JOINT:-1600}   # decoder and semantic compressor together
 STEPS_B=${STEPS_B:-4000}               # then the decoder alone on the frozen compressor
 STEPS_TE=${STEPS_TE:-500}
-STEPS_C=${STEPS_C:-2500}
+STEPS_C=${STEPS_C:-4000}
 
 cargo build --release --quiet
 BIN=target/release/wuerstchen

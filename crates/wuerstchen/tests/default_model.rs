@@ -4,7 +4,7 @@
 //! images, the shape in at least 75%.
 //!
 //! The model shipped now meets the background bar only (see
-//! models/default/MODEL_CARD.md: its prior mostly leaves the shape out). So the test
+//! models/default/MODEL_CARD.md: half its shapes are missing, the rest are blobs). So the test
 //! CI runs holds the model to what it does (background >= 90%, which also proves the
 //! embedding, pipeline and analyser chain end to end), and the full bar is an ignored
 //! test that fails until a better model lands:
