@@ -122,18 +122,19 @@ pub fn locate_models(
             let root = default_model::materialize()?;
             Ok((root.join("prior"), root.join("decoder")))
         }
-        (Some(_), None) => bail!(
-            "--prior given without --decoder: give both (e.g. --prior {} --decoder {}), \
-             or neither for the embedded default model",
-            hub::PRIOR_REPO,
-            hub::DECODER_REPO
-        ),
-        (None, Some(_)) => bail!(
-            "--decoder given without --prior: give both (e.g. --prior {} --decoder {}), \
-             or neither for the embedded default model",
-            hub::PRIOR_REPO,
-            hub::DECODER_REPO
-        ),
+        (prior, _) => {
+            let (given, missing) = if prior.is_some() {
+                ("--prior", "--decoder")
+            } else {
+                ("--decoder", "--prior")
+            };
+            bail!(
+                "{given} given without {missing}: give both (e.g. --prior {} --decoder {}), \
+                 or neither for the embedded default model",
+                hub::PRIOR_REPO,
+                hub::DECODER_REPO
+            )
+        }
     }
 }
 

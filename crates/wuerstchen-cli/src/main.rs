@@ -185,15 +185,11 @@ fn serve(
     dtype: &str,
     device: &str,
 ) -> Result<()> {
-    let addr: std::net::SocketAddr = format!("{host}:{port}")
-        .parse()
-        .or_else(|_| {
-            use std::net::ToSocketAddrs;
-            (host, port)
-                .to_socket_addrs()?
-                .next()
-                .ok_or_else(|| std::io::Error::other("no address"))
-        })
+    use std::net::ToSocketAddrs;
+    let addr = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
         .with_context(|| format!("--host {host} --port {port} is not an address to listen on"))?;
     let (prior, decoder) = generate::locate_models(prior, decoder)?;
     let spec = wuerstchen_server::worker::ModelSpec {

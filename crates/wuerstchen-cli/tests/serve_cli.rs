@@ -47,6 +47,18 @@ impl Server {
         panic!("health never {wanted}");
     }
 
+    /// The exit status, once the process ends within `within` (else fails with `what`).
+    fn wait_exit(&mut self, within: Duration, what: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn wait_status(&self, id: &str, done: impl Fn(&str) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
@@ -238,14 +250,7 @@ fn shutdown_finishes_the_prediction_in_flight() {
     let (code, body) = server.post("/shutdown", json!({}));
     assert_eq!((code, body), (200, json!({})));
     // the process exits cleanly, and only after delivering the final webhook
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the server did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = server.wait_exit(Duration::from_secs(120), "the server did not exit");
     assert!(status.success(), "{status}");
     let last = events
         .recv_timeout(Duration::from_secs(1))
@@ -289,13 +294,6 @@ fn a_sync_client_that_hangs_up_cancels_its_prediction_and_sigterm_stops_cleanly(
         .status()
         .unwrap()
         .success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the server ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = server.wait_exit(Duration::from_secs(30), "the server ignored SIGTERM");
     assert!(status.success(), "{status}");
 }

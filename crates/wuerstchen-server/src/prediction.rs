@@ -74,6 +74,8 @@ pub struct State {
     pub predict_time: Option<f64>,
     pub progress: Option<Progress>,
     pub seed: Option<u64>,
+    /// when the worker took it up: `metrics.predict_time` counts from here
+    pub started: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -89,7 +91,6 @@ pub struct Prediction {
     pub cancel: AtomicBool,
     /// bumped on every change; the final value is sent once the status is terminal
     pub changed: watch::Sender<u64>,
-    pub started: Mutex<Option<Instant>>,
 }
 
 impl Prediction {
@@ -117,10 +118,10 @@ impl Prediction {
                 predict_time: None,
                 progress: None,
                 seed: None,
+                started: None,
             }),
             cancel: AtomicBool::new(false),
             changed: watch::channel(0).0,
-            started: Mutex::new(None),
         }
     }
 

@@ -210,11 +210,7 @@ impl Shared {
         output: Option<Vec<String>>,
         error: Option<String>,
     ) {
-        let elapsed = p
-            .started
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map(|t| t.elapsed().as_secs_f64());
+        let elapsed = p.lock().started.map(|t| t.elapsed().as_secs_f64());
         // as Cog: the output goes out while still "processing", then the final object
         if output.is_some() {
             p.update(|s| s.output = output);
@@ -278,13 +274,13 @@ pub fn run(shared: Arc<Shared>, spec: ModelSpec) {
 
 fn predict(shared: &Shared, pipeline: &WuerstchenPipeline, p: &Arc<Prediction>) {
     let started = Instant::now();
-    *p.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(started);
     let mut params = p.params.clone();
     let seed = *params
         .seed
         .get_or_insert_with(wuerstchen::noise::random_seed);
     p.update(|s| {
         s.status = Status::Processing;
+        s.started = Some(started);
         s.started_at = Some(now_rfc3339());
         s.seed = Some(seed);
     });

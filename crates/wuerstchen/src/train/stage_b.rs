@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::data::ImageFolder;
+use super::text_encoder::load_compressor;
 use super::{
     fold_batch_stats, init_batch_norm, require_stage, write_component, write_config, StageTrainer,
 };
@@ -81,13 +82,7 @@ impl StageBTrainer {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let decoder = WuerstchenDiffNeXt::new(&config, vb.pp("decoder"))?;
         let (compressor, compressor_config) = if freeze_compressor {
-            let dir = out.join("compressor");
-            require_stage(
-                &dir,
-                "semantic compressor",
-                "stage-b (without --freeze-compressor)",
-            )?;
-            SemanticCompressor::load(&dir, DType::F32, device)?
+            load_compressor(out, device)?
         } else {
             let c = SemanticCompressor::new(&compressor_config, vb.pp("compressor"))?;
             init_batch_norm(&varmap, "compressor.mapper.1")?;

@@ -47,7 +47,7 @@ impl StageCTrainer {
         image_size: usize,
         device: &Device,
     ) -> Result<Self> {
-        let compressor = load_compressor(out, device)?;
+        let (compressor, _) = load_compressor(out, device)?;
         let te_dir = out.join("prior/text_encoder");
         require_stage(&te_dir, "text encoder", "text-encoder")?;
         let (text_encoder, te_cfg) = ClipTextModel::load(&te_dir, DType::F32, device)?;

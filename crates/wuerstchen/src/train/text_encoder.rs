@@ -9,7 +9,7 @@ use candle_nn::{Linear, VarBuilder, VarMap};
 
 use super::{require_stage, write_component, StageTrainer};
 use crate::clip::ClipTextModel;
-use crate::compressor::SemanticCompressor;
+use crate::compressor::{CompressorConfig, SemanticCompressor};
 use crate::config::ClipTextConfig;
 use crate::error::{Error, Result};
 use crate::noise::SeededRng;
@@ -30,11 +30,15 @@ pub struct TextEncoderTrainer {
     tokenizer_dir: PathBuf,
 }
 
-/// Loads the compressor Stage B trained, with a pointer to the command that makes it.
-pub(crate) fn load_compressor(out: &Path, device: &Device) -> Result<SemanticCompressor> {
+/// Loads the compressor Stage B trained (and its config), with a pointer to the
+/// command that makes it.
+pub(crate) fn load_compressor(
+    out: &Path,
+    device: &Device,
+) -> Result<(SemanticCompressor, CompressorConfig)> {
     let dir = out.join("compressor");
     require_stage(&dir, "semantic compressor", "stage-b")?;
-    Ok(SemanticCompressor::load(&dir, DType::F32, device)?.0)
+    SemanticCompressor::load(&dir, DType::F32, device)
 }
 
 impl TextEncoderTrainer {
@@ -53,7 +57,7 @@ impl TextEncoderTrainer {
                 config.vocab_size
             )));
         }
-        let compressor = load_compressor(out, device)?;
+        let (compressor, _) = load_compressor(out, device)?;
         let side = {
             let probe = Tensor::zeros((1, 3, image_size, image_size), DType::F32, device)?;
             compressor.forward(&probe)?.elem_count()
