@@ -55,6 +55,10 @@ pub struct TrainArgs {
     /// and train the decoder alone, e.g. while text-encoder and stage-c train on it.
     #[arg(long)]
     freeze_compressor: bool,
+    /// The model's config.json (diffusers format) for a fresh run instead of the stage's
+    /// small default; a resumed run reuses the config it was started with.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Store the exported weights in f16.
     #[arg(long)]
     export_f16: bool,
@@ -83,13 +87,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         checkpoint_every: a.checkpoint_every,
         export_f16: a.export_f16,
     };
+    let given = a.config.as_deref();
     let mut trainer: Box<dyn StageTrainer> = match a.stage {
         StageArg::StageA => Box::new(tr::stage_a::StageATrainer::new(
-            tr::stage_a::default_config(),
+            tr::run_config(&opts.out, "stage-a", given, tr::stage_a::default_config())?,
             &device,
         )?),
         StageArg::StageB => Box::new(tr::stage_b::StageBTrainer::new(
-            tr::stage_b::default_config(64),
+            tr::run_config(&opts.out, "stage-b", given, tr::stage_b::default_config(64))?,
             Default::default(),
             &opts.out,
             &data,
@@ -101,7 +106,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 anyhow::bail!("train text-encoder needs --tokenizer DIR (a CLIP tokenizer folder)");
             };
             Box::new(tr::text_encoder::TextEncoderTrainer::new(
-                tr::text_encoder::default_config(),
+                tr::run_config(
+                    &opts.out,
+                    "text-encoder",
+                    given,
+                    tr::text_encoder::default_config(),
+                )?,
                 tok,
                 &opts.out,
                 data.size,
@@ -111,7 +121,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         StageArg::StageC => {
             let te = tr::text_encoder::default_config();
             Box::new(tr::stage_c::StageCTrainer::new(
-                tr::stage_c::default_config(te.hidden_size),
+                tr::run_config(
+                    &opts.out,
+                    "stage-c",
+                    given,
+                    tr::stage_c::default_config(te.hidden_size),
+                )?,
                 &opts.out,
                 data.size,
                 &device,

@@ -391,3 +391,51 @@ fn all_four_stages_make_a_model_that_generates() {
     assert_eq!((img.width, img.height), (128, 128));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn config_file_sets_the_model_and_resume_keeps_it() {
+    let dir = scratch("config");
+    let data = dir.join("data");
+    dataset(&data, 8, 16);
+    let config = dir.join("vq.json");
+    // a diffusers config.json: unknown keys such as _class_name are ignored, missing
+    // ones take the class defaults
+    std::fs::write(
+        &config,
+        r#"{"_class_name": "PaellaVQModel", "levels": 2, "bottleneck_blocks": 1,
+            "embed_dim": 32, "latent_channels": 4, "num_vq_embeddings": 64,
+            "scale_factor": 1.0}"#,
+    )
+    .unwrap();
+    let out = dir.join("model");
+    let res = run(train_stage_a(&data, &out, 2, 2).arg("--config").arg(&config));
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let (_, cfg) =
+        PaellaVQModel::load(&out.join("decoder/vqgan"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!((cfg.embed_dim, cfg.num_vq_embeddings), (32, 64));
+
+    // resumed without --config: the saved config rebuilds the same model
+    let res = run(&mut train_stage_a(&data, &out, 4, 2));
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert_eq!(losses(&String::from_utf8_lossy(&res.stderr)).len(), 2);
+    let (_, cfg) =
+        PaellaVQModel::load(&out.join("decoder/vqgan"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(cfg.num_vq_embeddings, 64);
+
+    // another config for the same checkpoint is refused, naming what was saved
+    std::fs::write(&config, r#"{"embed_dim": 48, "num_vq_embeddings": 64}"#).unwrap();
+    let res = run(train_stage_a(&data, &out, 6, 2).arg("--config").arg(&config));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(stderr.contains("stage-a.config.json"), "{stderr}");
+
+    // a config that is not one is named
+    std::fs::write(&config, "{\"levels\": \"two\"}").unwrap();
+    let fresh = dir.join("fresh");
+    let res = run(train_stage_a(&data, &fresh, 2, 2).arg("--config").arg(&config));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(stderr.contains("vq.json"), "{stderr}");
+    assert!(!fresh.join("checkpoints").exists(), "a refused run wrote {fresh:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use crate::config::{load_config, Validate};
 use crate::error::{Error, Result};
 use crate::image_io::write_atomically;
 use crate::noise::SeededRng;
@@ -121,6 +122,41 @@ fn reseed_init(vars: &[(String, Var)], seed: u64) -> Result<()> {
 
 fn checkpoint_path(out: &Path, stage: &str) -> PathBuf {
     out.join("checkpoints").join(format!("{stage}.safetensors"))
+}
+
+/// The model config a run trains. A fresh run saves it beside its checkpoint
+/// (`checkpoints/<stage>.config.json`), so a resumed run rebuilds
+/// the same model without being told again; otherwise it is `given` (a config.json in
+/// the diffusers format, `--config`) or the stage's default. A `given` config that
+/// differs from the saved one is refused: the checkpoint's tensors would not fit it.
+pub fn run_config<T>(out: &Path, stage: &str, given: Option<&Path>, default: T) -> Result<T>
+where
+    T: Serialize + serde::de::DeserializeOwned + Validate + PartialEq,
+{
+    let saved = out.join("checkpoints").join(format!("{stage}.config.json"));
+    let given = given.map(load_config::<T>).transpose()?;
+    // trusted only beside a checkpoint: a start that failed before its first step
+    // leaves nothing that binds the next one
+    if checkpoint_path(out, stage).is_file() && saved.is_file() {
+        let config: T = load_config(&saved)?;
+        if given.as_ref().is_some_and(|g| *g != config) {
+            return Err(Error::InvalidInput(format!(
+                "--config differs from the config {} was started with ({}): \
+                 resume without --config, or start in another --out",
+                stage,
+                saved.display()
+            )));
+        }
+        return Ok(config);
+    }
+    let config = given.unwrap_or(default);
+    config.validate().map_err(Error::InvalidInput)?;
+    let dir = out.join("checkpoints");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let json = serde_json::to_string_pretty(&config)
+        .map_err(|e| Error::InvalidInput(format!("config of {stage}: {e}")))?;
+    write_atomically(&saved, json.as_bytes())?;
+    Ok(config)
 }
 
 /// Runs (or resumes) training; returns the losses of the steps run now.
