@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use wuerstchen::forward::{run_forward, Component};
 
+mod bench;
 mod generate;
 mod train;
 
@@ -25,6 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Time the official full-size components (random weights) and the whole
+    /// pipeline: median of N runs, GFLOP/s, peak memory.
+    Bench(bench::BenchArgs),
     /// Run one component's forward pass exactly as diffusers' module does (f32, CPU).
     Forward {
         /// prior | decoder | vqgan-decode | vqgan-encode | text-encoder
@@ -278,6 +282,7 @@ fn main() -> ExitCode {
             images,
         } => eval(count, seed, prior, decoder, images),
         Command::Train(args) => train::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Dataset {
             kind:
                 DatasetKind::Shapes {

@@ -169,3 +169,61 @@ fn bad_inputs_fail_cleanly() {
 
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn bench_prints_the_json_contract() {
+    let out = bin()
+        .args([
+            "bench",
+            "--component",
+            "vqgan-decode",
+            "--width",
+            "128",
+            "--height",
+            "128",
+        ])
+        .args(["--runs", "2", "--warmup", "0", "--threads", "1", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let row = &rows.as_array().unwrap()[0];
+    for key in [
+        "component",
+        "dtype",
+        "width",
+        "height",
+        "batch",
+        "threads",
+        "median_s",
+        "min_s",
+        "max_s",
+        "gflop",
+        "peak_rss_mib",
+    ] {
+        assert!(row.get(key).is_some(), "no {key} in {row}");
+    }
+    assert_eq!(row["component"], "vqgan-decode");
+    assert_eq!(
+        (row["width"].as_u64(), row["threads"].as_u64()),
+        (Some(128), Some(1))
+    );
+    let (min, med, max) = (
+        row["min_s"].as_f64().unwrap(),
+        row["median_s"].as_f64().unwrap(),
+        row["max_s"].as_f64().unwrap(),
+    );
+    assert!(0.0 < min && min <= med && med <= max, "{row}");
+
+    let bad = bin()
+        .args(["bench", "--component", "vae", "--width", "100"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("vae"), "{stderr}");
+}

@@ -408,15 +408,25 @@ fn config_file_sets_the_model_and_resume_keeps_it() {
     )
     .unwrap();
     let out = dir.join("model");
-    let res = run(train_stage_a(&data, &out, 2, 2).arg("--config").arg(&config));
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let res = run(train_stage_a(&data, &out, 2, 2)
+        .arg("--config")
+        .arg(&config));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let (_, cfg) =
         PaellaVQModel::load(&out.join("decoder/vqgan"), DType::F32, &Device::Cpu).unwrap();
     assert_eq!((cfg.embed_dim, cfg.num_vq_embeddings), (32, 64));
 
     // resumed without --config: the saved config rebuilds the same model
     let res = run(&mut train_stage_a(&data, &out, 4, 2));
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     assert_eq!(losses(&String::from_utf8_lossy(&res.stderr)).len(), 2);
     let (_, cfg) =
         PaellaVQModel::load(&out.join("decoder/vqgan"), DType::F32, &Device::Cpu).unwrap();
@@ -424,7 +434,9 @@ fn config_file_sets_the_model_and_resume_keeps_it() {
 
     // another config for the same checkpoint is refused, naming what was saved
     std::fs::write(&config, r#"{"embed_dim": 48, "num_vq_embeddings": 64}"#).unwrap();
-    let res = run(train_stage_a(&data, &out, 6, 2).arg("--config").arg(&config));
+    let res = run(train_stage_a(&data, &out, 6, 2)
+        .arg("--config")
+        .arg(&config));
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success());
     assert!(stderr.contains("stage-a.config.json"), "{stderr}");
@@ -432,10 +444,15 @@ fn config_file_sets_the_model_and_resume_keeps_it() {
     // a config that is not one is named
     std::fs::write(&config, "{\"levels\": \"two\"}").unwrap();
     let fresh = dir.join("fresh");
-    let res = run(train_stage_a(&data, &fresh, 2, 2).arg("--config").arg(&config));
+    let res = run(train_stage_a(&data, &fresh, 2, 2)
+        .arg("--config")
+        .arg(&config));
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success());
     assert!(stderr.contains("vq.json"), "{stderr}");
-    assert!(!fresh.join("checkpoints").exists(), "a refused run wrote {fresh:?}");
+    assert!(
+        !fresh.join("checkpoints").exists(),
+        "a refused run wrote {fresh:?}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

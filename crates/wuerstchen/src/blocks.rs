@@ -5,9 +5,10 @@
 //! layer norm, which have no backward in candle 0.11) so training reuses it unchanged.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::depthwise::DepthwiseConv2d;
+use crate::flops::{self, Conv2d, Linear};
 
 /// `x` in the precision statistics are computed in: f32 for half types, f64 stays.
 pub fn upcast(x: &Tensor) -> Result<Tensor> {
@@ -57,20 +58,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `nn.Conv2d` with padding and stride; `groups = channels` gives a depthwise conv.
-pub fn conv2d(
-    c_in: usize,
-    c_out: usize,
-    kernel: usize,
-    cfg: Conv2dConfig,
-    bias: bool,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    if bias {
-        candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)
-    } else {
-        candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)
-    }
-}
+pub use crate::flops::conv2d;
 
 pub fn conv1x1(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> {
     conv2d(c_in, c_out, 1, Default::default(), true, vb)
@@ -124,7 +112,7 @@ pub struct TimestepBlock {
 impl TimestepBlock {
     pub fn new(c: usize, c_r: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            mapper: candle_nn::linear(c_r, c * 2, vb.pp("mapper"))?,
+            mapper: flops::linear(c_r, c * 2, vb.pp("mapper"))?,
         })
     }
 
@@ -184,9 +172,9 @@ pub struct ChannelMlp {
 impl ChannelMlp {
     pub fn new(c_in: usize, c_hidden: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(c_in, c_hidden, vb.pp("0"))?,
+            fc1: flops::linear(c_in, c_hidden, vb.pp("0"))?,
             grn: GlobalResponseNorm::new(c_hidden, vb.pp("2"))?,
-            fc2: candle_nn::linear(c_hidden, c_out, vb.pp("4"))?,
+            fc2: flops::linear(c_hidden, c_out, vb.pp("4"))?,
         })
     }
 
@@ -239,10 +227,10 @@ impl Attention {
     pub fn new(c: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
         let inner = c / heads * heads;
         Ok(Self {
-            to_q: candle_nn::linear(c, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear(c, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear(c, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, c, vb.pp("to_out").pp("0"))?,
+            to_q: flops::linear(c, inner, vb.pp("to_q"))?,
+            to_k: flops::linear(c, inner, vb.pp("to_k"))?,
+            to_v: flops::linear(c, inner, vb.pp("to_v"))?,
+            to_out: flops::linear(inner, c, vb.pp("to_out").pp("0"))?,
             heads,
         })
     }
@@ -263,6 +251,7 @@ impl Attention {
         let v = split(self.to_v.forward(kv)?, l)?;
         let d = q.dim(3)?;
         let scale = 1.0 / (d as f64).sqrt();
+        flops::add_attention(&q, &k)?;
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let probs = softmax_last_dim(&upcast(&scores)?)?.to_dtype(q.dtype())?;
         // (B, heads, N, d) -> (B, N, heads*d)
@@ -294,7 +283,7 @@ impl AttnBlock {
         Ok(Self {
             attention: Attention::new(c, nhead, vb.pp("attention"))?,
             // nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c)): the Linear is index 1
-            kv_mapper: candle_nn::linear(c_cond, c, vb.pp("kv_mapper").pp("1"))?,
+            kv_mapper: flops::linear(c_cond, c, vb.pp("kv_mapper").pp("1"))?,
             self_attn,
         })
     }

@@ -5,10 +5,11 @@
 //! at padded positions, so it is part of the contract.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::blocks::{layer_norm, softmax_last_dim, upcast};
 use crate::config::ClipTextConfig;
+use crate::flops::{self, Linear};
 
 #[derive(Debug, Clone)]
 struct LayerNorm {
@@ -51,13 +52,13 @@ impl EncoderLayer {
         let attn = vb.pp("self_attn");
         Ok(Self {
             layer_norm1: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: candle_nn::linear(h, h, attn.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, attn.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, attn.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, attn.pp("out_proj"))?,
+            q_proj: flops::linear(h, h, attn.pp("q_proj"))?,
+            k_proj: flops::linear(h, h, attn.pp("k_proj"))?,
+            v_proj: flops::linear(h, h, attn.pp("v_proj"))?,
+            out_proj: flops::linear(h, h, attn.pp("out_proj"))?,
             layer_norm2: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, h, vb.pp("mlp").pp("fc2"))?,
+            fc1: flops::linear(h, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: flops::linear(cfg.intermediate_size, h, vb.pp("mlp").pp("fc2"))?,
             heads: cfg.num_attention_heads,
             quick_gelu: cfg.hidden_act == "quick_gelu",
         })
@@ -77,6 +78,7 @@ impl EncoderLayer {
         let q = split((self.q_proj.forward(&h)? * (hd as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(&h)?)?;
         let v = split(self.v_proj.forward(&h)?)?;
+        flops::add_attention(&q, &k)?;
         let scores = upcast(&q.matmul(&k.t()?)?)?;
         let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;

@@ -5,11 +5,12 @@
 //! variance per channel. It is needed for training only; generation never runs it.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::blocks::{conv2d, BatchNorm};
 use crate::config::Validate;
+use crate::flops::Conv2d;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

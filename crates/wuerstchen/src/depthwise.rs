@@ -9,9 +9,10 @@
 //! kernel is not depthwise (Stage C's ResBlock with a skip input) keep candle's conv.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::blocks::conv2d;
+use crate::flops::{self, Conv2d};
 
 #[derive(Debug, Clone)]
 pub struct DepthwiseConv2d {
@@ -62,6 +63,7 @@ impl DepthwiseConv2d {
             }
         }
         let sum = sum.expect("a kernel has at least one tap");
+        flops::add(2 * sum.elem_count() * kh * kw);
         match self.conv.bias() {
             Some(b) => sum.broadcast_add(&b.reshape((1, c, 1, 1))?),
             None => Ok(sum),

@@ -6,12 +6,14 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub mod analysis;
+pub mod bench;
 pub mod blocks;
 pub mod clip;
 pub mod compressor;
 pub mod dataset;
 pub mod default_model;
 pub mod depthwise;
+pub mod flops;
 pub mod forward;
 pub mod hub;
 pub mod image_io;

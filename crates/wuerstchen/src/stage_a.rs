@@ -1,11 +1,12 @@
 //! Stage A, the f=4 VQGAN: diffusers' `PaellaVQModel`.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
 use crate::blocks::{conv1x1, conv2d, from_tokens, layer_norm, to_tokens, BatchNorm};
 use crate::config::PaellaVQConfig;
 use crate::depthwise::DepthwiseConv2d;
+use crate::flops::{self, Conv2d, ConvTranspose2d, Linear};
 
 /// `MixingResidualBlock`: depthwise conv (replication padded) and channel MLP, each
 /// behind a layer norm whose scale and shift, and the branch gain, are six learned
@@ -24,8 +25,8 @@ impl MixingResidualBlock {
             // depthwise = Sequential(ReplicationPad2d(1), Conv2d(groups=c))
             depthwise: DepthwiseConv2d::new(c, c, 3, 0, vb.pp("depthwise").pp("1"))?,
             // channelwise = Sequential(Linear, GELU, Linear)
-            fc1: candle_nn::linear(c, embed_dim, vb.pp("channelwise").pp("0"))?,
-            fc2: candle_nn::linear(embed_dim, c, vb.pp("channelwise").pp("2"))?,
+            fc1: flops::linear(c, embed_dim, vb.pp("channelwise").pp("0"))?,
+            fc2: flops::linear(embed_dim, c, vb.pp("channelwise").pp("2"))?,
             gammas: vb.get(6, "gammas")?,
         })
     }
@@ -154,7 +155,7 @@ impl PaellaVQModel {
                     stride: 2,
                     ..Default::default()
                 };
-                let conv = candle_nn::conv_transpose2d(
+                let conv = flops::conv_transpose2d(
                     c,
                     c_levels[levels - 2 - i],
                     4,
@@ -224,6 +225,7 @@ impl PaellaVQModel {
         let z = latents.permute((0, 2, 3, 1))?.reshape(((), c))?; // (N, C)
         let e = self.codebook.to_dtype(z.dtype())?;
         // ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2 ; ||z||^2 is constant per row
+        flops::add_matmul(&z, &e.t()?)?;
         let ze = z.matmul(&e.t()?)?;
         let e2 = e.sqr()?.sum(D::Minus1)?.unsqueeze(0)?;
         let dist = (ze * -2.0)?.broadcast_add(&e2)?;

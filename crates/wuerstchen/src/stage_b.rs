@@ -5,7 +5,7 @@
 //! which is resized to every level's resolution and joined to the ResBlocks' skips.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
 use crate::blocks::{
     channel_layer_norm, conv1x1, conv2d, depthwise, from_tokens, layer_norm, r_embedding,
@@ -13,6 +13,7 @@ use crate::blocks::{
 };
 use crate::config::DiffNeXtConfig;
 use crate::depthwise::DepthwiseConv2d;
+use crate::flops::{self, Conv2d, ConvTranspose2d, Linear};
 use crate::resize::resize_bicubic_aa;
 
 /// `ResBlockStageB`: unlike Stage C's ResBlock the skip joins after the depthwise conv,
@@ -182,7 +183,7 @@ impl WuerstchenDiffNeXt {
                     stride: 2,
                     ..Default::default()
                 };
-                Some(Upsample(candle_nn::conv_transpose2d(
+                Some(Upsample(flops::conv_transpose2d(
                     ch[i],
                     ch[i - 1],
                     2,
@@ -200,7 +201,7 @@ impl WuerstchenDiffNeXt {
         }
 
         Ok(Self {
-            clip_mapper: candle_nn::linear(cfg.clip_embd, cfg.c_cond, vb.pp("clip_mapper"))?,
+            clip_mapper: flops::linear(cfg.clip_embd, cfg.c_cond, vb.pp("clip_mapper"))?,
             // embedding = Sequential(PixelUnshuffle, Conv2d, WuerstchenLayerNorm)
             embedding: conv1x1(cfg.c_in * p2, ch[0], vb.pp("embedding").pp("1"))?,
             down,

@@ -1,10 +1,11 @@
 //! Stage C, the text-conditional prior: diffusers' `WuerstchenPrior`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::blocks::{channel_layer_norm, conv1x1, r_embedding, AttnBlock, ResBlock, TimestepBlock};
 use crate::config::PriorConfig;
+use crate::flops::{self, Conv2d, Linear};
 
 /// One of the `depth` repetitions: `blocks.{3i}`, `blocks.{3i+1}`, `blocks.{3i+2}`.
 #[derive(Debug, Clone)]
@@ -47,8 +48,8 @@ impl WuerstchenPrior {
         Ok(Self {
             projection: conv1x1(cfg.c_in, c, vb.pp("projection"))?,
             // cond_mapper = Sequential(Linear, LeakyReLU(0.2), Linear)
-            cond_fc1: candle_nn::linear(cfg.c_cond, c, vb.pp("cond_mapper").pp("0"))?,
-            cond_fc2: candle_nn::linear(c, c, vb.pp("cond_mapper").pp("2"))?,
+            cond_fc1: flops::linear(cfg.c_cond, c, vb.pp("cond_mapper").pp("0"))?,
+            cond_fc2: flops::linear(c, c, vb.pp("cond_mapper").pp("2"))?,
             layers,
             // out = Sequential(WuerstchenLayerNorm, Conv2d)
             out_conv: conv1x1(c, cfg.c_in * 2, vb.pp("out").pp("1"))?,

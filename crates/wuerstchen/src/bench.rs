@@ -1,0 +1,470 @@
+//! `wuerstchen bench`: each component's forward pass at the official full-size configs
+//! with random weights (no checkpoint needed), timed as median / min / max of N runs
+//! after warm-ups, with its FLOPs (counted by `flops` as the layers run) and the peak
+//! resident memory. The shapes are the default recipe's: the prior with guidance
+//! (batch 2), the decoder without (batch 1); `scripts/bench_reference.py` times
+//! diffusers on exactly these shapes.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use serde::Serialize;
+
+use crate::clip::ClipTextModel;
+use crate::config::{ClipTextConfig, DiffNeXtConfig, PaellaVQConfig, PriorConfig};
+use crate::error::{Error, Result};
+use crate::flops;
+use crate::pipeline::{DEFAULT_PRIOR_CALLS, SIZE_MULTIPLE};
+use crate::scheduler::{default_stage_c_timesteps, DdpmWuerstchenScheduler};
+use crate::stage_a::PaellaVQModel;
+use crate::stage_b::WuerstchenDiffNeXt;
+use crate::stage_c::WuerstchenPrior;
+
+/// What `--component` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Prior,
+    Decoder,
+    VqganDecode,
+    PriorTextEncoder,
+    DecoderTextEncoder,
+    /// The default recipe end to end: both text encoders, 29 prior calls with
+    /// guidance, 12 decoder calls, the Stage A decode, one stage built at a time.
+    Pipeline,
+}
+
+impl Component {
+    pub const ALL: [Component; 6] = [
+        Component::Prior,
+        Component::Decoder,
+        Component::VqganDecode,
+        Component::PriorTextEncoder,
+        Component::DecoderTextEncoder,
+        Component::Pipeline,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Prior => "prior",
+            Component::Decoder => "decoder",
+            Component::VqganDecode => "vqgan-decode",
+            Component::PriorTextEncoder => "prior-text-encoder",
+            Component::DecoderTextEncoder => "decoder-text-encoder",
+            Component::Pipeline => "pipeline",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|c| c.name()).collect();
+                Error::InvalidParameter(format!(
+                    "unknown component `{s}` (one of {})",
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    pub width: usize,
+    pub height: usize,
+    pub dtype: DType,
+    /// Recorded in the results; the caller sets the thread pool before any tensor op.
+    pub threads: usize,
+    pub runs: usize,
+    pub warmup: usize,
+}
+
+/// One line of the table, one object of `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub component: String,
+    pub dtype: String,
+    pub width: usize,
+    pub height: usize,
+    pub batch: usize,
+    pub threads: usize,
+    pub median_s: f64,
+    pub min_s: f64,
+    pub max_s: f64,
+    pub gflop: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// The default recipe's latent sizes for an image, with the official pipelines'
+/// numbers (resolution_multiple 42.67, latent_dim_scale 10.67).
+fn latent_sizes(spec: &BenchSpec) -> Result<((usize, usize), (usize, usize))> {
+    for (what, v) in [("width", spec.width), ("height", spec.height)] {
+        if v == 0 || v % SIZE_MULTIPLE != 0 {
+            return Err(Error::InvalidParameter(format!(
+                "{what} {v} is not a positive multiple of {SIZE_MULTIPLE}"
+            )));
+        }
+    }
+    let prior = |v: usize| (v as f64 / 42.67).ceil() as usize;
+    let (ph, pw) = (prior(spec.height), prior(spec.width));
+    let decoder = |v: usize| (v as f64 * 10.67) as usize;
+    Ok(((ph, pw), (decoder(ph), decoder(pw))))
+}
+
+/// Weights drawn as they are asked for: uniform with the variance of
+/// N(0, 1 / fan_in), so activations keep their scale through 32 blocks (vanishing
+/// ones would turn into subnormals, which CPUs compute far slower); norms' scales 1,
+/// biases and running means 0, running variances 1.
+struct RandomWeights {
+    seed: u64,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dims = s.dims();
+        let n = s.elem_count();
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        let constant = match leaf {
+            "running_var" => Some(1.0),
+            "bias" | "beta" | "running_mean" => Some(0.0),
+            "weight" | "gamma" if dims.len() == 1 => Some(1.0),
+            _ => None,
+        };
+        let t = match constant {
+            Some(v) => Tensor::full(v as f32, s, dev)?,
+            None => {
+                let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+                let bound = (3.0 / fan_in as f64).sqrt() as f32;
+                // xorshift seeded by the name: fast (a billion values) and
+                // reproducible per tensor
+                let mut x = self.seed
+                    ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                    })
+                    | 1;
+                let data: Vec<f32> = (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
+                    })
+                    .collect();
+                Tensor::from_vec(data, s, dev)?
+            }
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "random weights have no shape for `{name}`"
+        )))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+fn random_vb(dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights { seed: 0 }), dtype, device.clone())
+}
+
+/// Peak resident memory of this process since the last `reset_peak_rss`, in MiB
+/// (Linux; 0 where /proc is missing).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Starts a new peak-memory window (writing 5 to clear_refs resets VmHWM).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Token ids as a prompt gives them: start, a few words, end, end-token padding.
+fn prompt_ids(batch: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let mut row = vec![49407u32; 77];
+    row[0] = 49406;
+    for (i, id) in row.iter_mut().enumerate().take(9).skip(1) {
+        *id = 320 + 7 * i as u32;
+    }
+    let mask: Vec<u32> = (0..77).map(|i| u32::from(i < 10)).collect();
+    let ids = Tensor::from_vec(row.repeat(batch), (batch, 77), device)?;
+    let mask = Tensor::from_vec(mask.repeat(batch), (batch, 77), device)?;
+    Ok((ids, mask))
+}
+
+fn randn(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(crate::noise::SeededRng::new(1)
+        .randn(shape, device)?
+        .to_dtype(dtype)?)
+}
+
+/// A built component and one call of it.
+type Call = Box<dyn Fn() -> Result<Tensor>>;
+
+fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usize, Call)> {
+    let ((ph, pw), (dh, dw)) = latent_sizes(spec)?;
+    let dt = spec.dtype;
+    let vb = random_vb(dt, device);
+    let r = |b: usize| Tensor::full(0.5f32, b, device)?.to_dtype(dt);
+    Ok(match component {
+        Component::Prior => {
+            let cfg = PriorConfig::official();
+            let model = WuerstchenPrior::new(&cfg, vb)?;
+            let x = randn(&[2, cfg.c_in, ph, pw], dt, device)?;
+            let text = randn(&[2, 77, cfg.c_cond], dt, device)?;
+            let r = r(2)?;
+            (2, Box::new(move || Ok(model.forward(&x, &r, &text)?)))
+        }
+        Component::Decoder => {
+            let cfg = DiffNeXtConfig::official();
+            let model = WuerstchenDiffNeXt::new(&cfg, vb)?;
+            let x = randn(&[1, cfg.c_in, dh, dw], dt, device)?;
+            let effnet = randn(&[1, cfg.effnet_embd, ph, pw], dt, device)?;
+            let clip = randn(&[1, 77, cfg.clip_embd], dt, device)?;
+            let r = r(1)?;
+            (
+                1,
+                Box::new(move || Ok(model.forward(&x, &r, &effnet, &clip)?)),
+            )
+        }
+        Component::VqganDecode => {
+            let cfg = PaellaVQConfig::official();
+            let model = PaellaVQModel::new(&cfg, vb)?;
+            let x = randn(&[1, cfg.latent_channels, dh, dw], dt, device)?;
+            (1, Box::new(move || Ok(model.decode(&x, false)?)))
+        }
+        Component::PriorTextEncoder | Component::DecoderTextEncoder => {
+            let (cfg, batch) = if component == Component::PriorTextEncoder {
+                (ClipTextConfig::official_prior(), 2)
+            } else {
+                (ClipTextConfig::official_decoder(), 1)
+            };
+            // the pipelines run the text encoders in f32 whatever the dtype
+            let model = ClipTextModel::new(&cfg, random_vb(DType::F32, device))?;
+            let (ids, mask) = prompt_ids(batch, device)?;
+            (batch, Box::new(move || Ok(model.forward(&ids, &mask)?)))
+        }
+        Component::Pipeline => {
+            let spec = spec.clone();
+            let device = device.clone();
+            (1, Box::new(move || pipeline(&spec, &device)))
+        }
+    })
+}
+
+/// The default recipe with random weights: what `generate` does, minus reading
+/// files and the tokenizer.
+fn pipeline(spec: &BenchSpec, device: &Device) -> Result<Tensor> {
+    let ((ph, pw), (dh, dw)) = latent_sizes(spec)?;
+    let dt = spec.dtype;
+    let text = |component| -> Result<Tensor> {
+        let (_, call) = build(component, spec, device)?;
+        Ok(call()?.to_dtype(dt)?)
+    };
+    let prior_text = text(Component::PriorTextEncoder)?;
+    let prior = WuerstchenPrior::new(&PriorConfig::official(), random_vb(dt, device))?;
+    let mut sched = DdpmWuerstchenScheduler::new(Default::default());
+    sched.set_timesteps(default_stage_c_timesteps());
+    let mut latents = randn(&[1, 16, ph, pw], DType::F32, device)?;
+    let ts = sched.timesteps().to_vec();
+    debug_assert_eq!(ts.len() - 1, DEFAULT_PRIOR_CALLS);
+    for w in ts.windows(2) {
+        let x = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(dt)?;
+        let r = Tensor::full(w[0], 2, device)?.to_dtype(dt)?;
+        let eps = prior.forward(&x, &r, &prior_text)?.to_dtype(DType::F32)?;
+        let (cond, uncond) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
+        let eps = (&uncond + ((cond - &uncond)? * 4.0)?)?;
+        let z = latents.randn_like(0.0, 1.0)?;
+        latents = sched.step(&eps, w[0], &latents, &z)?;
+    }
+    drop(prior);
+    let effnet = latents.affine(42.0, -1.0)?.to_dtype(dt)?;
+    let clip = text(Component::DecoderTextEncoder)?;
+    let decoder = WuerstchenDiffNeXt::new(&DiffNeXtConfig::official(), random_vb(dt, device))?;
+    sched.set_steps(12);
+    let mut latents = randn(&[1, 4, dh, dw], DType::F32, device)?;
+    let ts = sched.timesteps().to_vec();
+    for w in ts.windows(2) {
+        let r = Tensor::full(w[0], 1, device)?.to_dtype(dt)?;
+        let eps = decoder
+            .forward(&latents.to_dtype(dt)?, &r, &effnet, &clip)?
+            .to_dtype(DType::F32)?;
+        let z = latents.randn_like(0.0, 1.0)?;
+        latents = sched.step(&eps, w[0], &latents, &z)?;
+    }
+    drop(decoder);
+    let vqgan = PaellaVQModel::new(&PaellaVQConfig::official(), random_vb(dt, device))?;
+    Ok(vqgan.decode(&(latents * 0.3764)?.to_dtype(dt)?, false)?)
+}
+
+fn dtype_name(dt: DType) -> &'static str {
+    match dt {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// Times one component: builds it, runs `warmup` untimed calls and `runs` timed
+/// ones; `on_run` hears each timed call's seconds.
+pub fn bench(
+    component: Component,
+    spec: &BenchSpec,
+    device: &Device,
+    on_run: &mut dyn FnMut(f64),
+) -> Result<BenchResult> {
+    if spec.runs == 0 {
+        return Err(Error::InvalidParameter("--runs must be at least 1".into()));
+    }
+    reset_peak_rss();
+    let (batch, call) = build(component, spec, device)?;
+    for _ in 0..spec.warmup {
+        call()?;
+    }
+    let mut times = Vec::with_capacity(spec.runs);
+    let mut gflop = 0.0;
+    for _ in 0..spec.runs {
+        let started = Instant::now();
+        let (out, n) = flops::counted(|| call().and_then(|t| Ok(t.device().synchronize()?)));
+        out?;
+        let secs = started.elapsed().as_secs_f64();
+        gflop = n as f64 / 1e9;
+        on_run(secs);
+        times.push(secs);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(BenchResult {
+        component: component.name().into(),
+        dtype: dtype_name(spec.dtype).into(),
+        width: spec.width,
+        height: spec.height,
+        batch,
+        threads: spec.threads,
+        median_s: (times[(times.len() - 1) / 2] + times[times.len() / 2]) / 2.0,
+        min_s: times[0],
+        max_s: times[times.len() - 1],
+        gflop,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// The results as a table: one row per component, GFLOP/s from the median.
+pub fn table(rows: &[BenchResult]) -> String {
+    let mut s = format!(
+        "{:<21} {:>5} {:>11} {:>5} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}\n",
+        "component",
+        "dtype",
+        "size",
+        "batch",
+        "threads",
+        "median s",
+        "min s",
+        "max s",
+        "GFLOP",
+        "GFLOP/s",
+        "peak MiB"
+    );
+    for r in rows {
+        s += &format!(
+            "{:<21} {:>5} {:>11} {:>5} {:>7} {:>9.3} {:>9.3} {:>9.3} {:>8.1} {:>8.1} {:>9.0}\n",
+            r.component,
+            r.dtype,
+            format!("{}x{}", r.width, r.height),
+            r.batch,
+            r.threads,
+            r.median_s,
+            r.min_s,
+            r.max_s,
+            r.gflop,
+            r.gflop / r.median_s.max(1e-12),
+            r.peak_rss_mib
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(size: usize) -> BenchSpec {
+        BenchSpec {
+            width: size,
+            height: size,
+            dtype: DType::F32,
+            threads: 1,
+            runs: 1,
+            warmup: 0,
+        }
+    }
+
+    #[test]
+    fn official_latent_sizes() {
+        // 1024 px: the 24 x 24 prior latent and 256 x 256 decoder latent of the paper
+        assert_eq!(latent_sizes(&spec(1024)).unwrap(), ((24, 24), (256, 256)));
+        assert!(latent_sizes(&spec(1000)).is_err());
+    }
+
+    #[test]
+    fn the_decode_counts_the_flops_of_its_layers() {
+        // Stage A decode at 128 px: 32 x 32 latent; the FLOPs scale with the pixels
+        let small = bench(
+            Component::VqganDecode,
+            &spec(128),
+            &Device::Cpu,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!((small.batch, small.component.as_str()), (1, "vqgan-decode"));
+        assert!(small.median_s > 0.0 && small.peak_rss_mib > 0.0);
+        let wide = bench(
+            Component::VqganDecode,
+            &BenchSpec {
+                width: 256,
+                ..spec(128)
+            },
+            &Device::Cpu,
+            &mut |_| {},
+        )
+        .unwrap();
+        // 8 x 8 / 42.67 rounds 128 px to 3 prior cells (32 decoder cells), 256 px to 6
+        // (64): exactly twice the work
+        assert!(
+            (wide.gflop / small.gflop - 2.0).abs() < 1e-9,
+            "{small:?} {wide:?}"
+        );
+        // the official decode is ~2172 GFLOP at 1024 px (diffusers' count), a 256 x
+        // 256 latent; 32 x 32 is 1/64 of it
+        let expected = 2172.0 / 64.0;
+        assert!(
+            (small.gflop / expected - 1.0).abs() < 0.05,
+            "{}",
+            small.gflop
+        );
+    }
+
+    #[test]
+    fn unknown_components_are_named() {
+        let e = Component::parse("vae").unwrap_err().to_string();
+        assert!(e.contains("vae") && e.contains("vqgan-decode"), "{e}");
+    }
+}

@@ -1,0 +1,164 @@
+//! Counts the floating-point work of the models as they run: every linear layer,
+//! convolution and attention product adds 2 x its multiply-adds to a per-thread
+//! counter (the convention of PyTorch's `FlopCounterMode`, which
+//! `scripts/bench_reference.py` uses, so GFLOP/s compare across the two). Norms,
+//! activations and element-wise ops are not counted: they are a rounding error in
+//! FLOPs, though not in time. The layers here wrap candle's and add only the count.
+
+use std::cell::Cell;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
+
+thread_local! {
+    static COUNT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Adds `n` FLOPs to this thread's count.
+pub fn add(n: usize) {
+    COUNT.with(|c| c.set(c.get() + n as u64));
+}
+
+/// Runs `f` and returns its result with the FLOPs it did on this thread (the models
+/// run their layers from the calling thread; candle's worker threads only split
+/// each op).
+pub fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let before = COUNT.with(Cell::get);
+    let out = f();
+    (out, COUNT.with(Cell::get) - before)
+}
+
+/// FLOPs of `a.matmul(b)` for (.., m, k) x (.., k, n).
+pub fn add_matmul(a: &Tensor, b: &Tensor) -> Result<()> {
+    add(2 * a.elem_count() * b.dim(candle_core::D::Minus1)?);
+    Ok(())
+}
+
+/// FLOPs of attention with q (.., n, d) and k (.., l, d): the scores q k^T and
+/// their product with v, 2·n·l·d each.
+pub fn add_attention(q: &Tensor, k: &Tensor) -> Result<()> {
+    add(2 * 2 * q.elem_count() * k.dim(candle_core::D::Minus2)?);
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct Linear(candle_nn::Linear);
+
+pub fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear(c_in, c_out, vb).map(Linear)
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c_out = self.0.weight().dim(0)?;
+        add(2 * x.elem_count() * c_out);
+        self.0.forward(x)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Conv2d(candle_nn::Conv2d);
+
+pub fn conv2d(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    if bias {
+        candle_nn::conv2d(c_in, c_out, kernel, cfg, vb).map(Conv2d)
+    } else {
+        candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb).map(Conv2d)
+    }
+}
+
+impl Conv2d {
+    pub fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.0.bias()
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let out = self.0.forward(x)?;
+        // each output value: (c_in / groups) * kh * kw multiply-adds
+        let (_, per_group, kh, kw) = self.0.weight().dims4()?;
+        add(2 * out.elem_count() * per_group * kh * kw);
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2d(candle_nn::ConvTranspose2d);
+
+pub fn conv_transpose2d(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    cfg: ConvTranspose2dConfig,
+    vb: VarBuilder,
+) -> Result<ConvTranspose2d> {
+    candle_nn::conv_transpose2d(c_in, c_out, kernel, cfg, vb).map(ConvTranspose2d)
+}
+
+impl Module for ConvTranspose2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // each input value is spread over (c_out / groups) * kh * kw outputs
+        let (_, per_group, kh, kw) = self.0.weight().dims4()?;
+        add(2 * x.elem_count() * per_group * kh * kw);
+        self.0.forward(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn layers_count_their_multiply_adds() -> Result<()> {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let x = Tensor::zeros((2, 5, 8), DType::F32, &Device::Cpu)?;
+        let l = linear(8, 3, vb.pp("l"))?;
+        assert_eq!(counted(|| l.forward(&x)).1, 2 * 2 * 5 * 8 * 3);
+        let img = Tensor::zeros((1, 4, 6, 6), DType::F32, &Device::Cpu)?;
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let c = conv2d(4, 2, 3, cfg, true, vb.pp("c"))?;
+        assert_eq!(counted(|| c.forward(&img)).1, 2 * (2 * 6 * 6) * (4 * 9));
+        let t = conv_transpose2d(
+            4,
+            2,
+            2,
+            ConvTranspose2dConfig {
+                stride: 2,
+                ..Default::default()
+            },
+            vb.pp("t"),
+        )?;
+        let (out, n) = counted(|| t.forward(&img));
+        assert_eq!(out?.dims(), &[1, 2, 12, 12]);
+        // the same work as the conv it inverts: every output gets 4 * 1 taps
+        assert_eq!(n, 2 * (2 * 12 * 12) * 4);
+        let (a, b) = (
+            Tensor::zeros((3, 4, 5), DType::F32, &Device::Cpu)?,
+            Tensor::zeros((3, 5, 7), DType::F32, &Device::Cpu)?,
+        );
+        assert_eq!(counted(|| add_matmul(&a, &b)).1, 2 * 3 * 4 * 5 * 7);
+        // 2 heads, 4 queries over 6 keys of width 5
+        let q = Tensor::zeros((1, 2, 4, 5), DType::F32, &Device::Cpu)?;
+        let k = Tensor::zeros((1, 2, 6, 5), DType::F32, &Device::Cpu)?;
+        assert_eq!(counted(|| add_attention(&q, &k)).1, 2 * 2 * (2 * 4 * 6 * 5));
+        Ok(())
+    }
+}
