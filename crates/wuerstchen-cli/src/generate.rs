@@ -24,16 +24,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let (prior_dir, decoder_dir) = locate_models(args.prior, args.decoder)?;
     let pipeline = WuerstchenPipeline::open(&prior_dir, &decoder_dir, device, dtype)?;
-    let (native_w, native_h) = pipeline.native_size();
+    let d = pipeline.defaults();
     let mut params = GenerationParams {
         prompt,
         negative_prompt: args.negative_prompt,
-        width: args.width.unwrap_or(native_w),
-        height: args.height.unwrap_or(native_h),
+        width: args.width.unwrap_or(d.width),
+        height: args.height.unwrap_or(d.height),
         num_images: args.num_images,
         seed: args.seed,
         prior_steps: args.prior_steps,
-        prior_guidance: args.prior_guidance,
+        prior_guidance: args.prior_guidance.unwrap_or(d.prior_guidance),
         decoder_steps: args.decoder_steps,
         decoder_guidance: args.decoder_guidance,
     };

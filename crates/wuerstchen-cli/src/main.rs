@@ -54,21 +54,7 @@ enum Command {
     Train(train::TrainArgs),
     /// Judge a shapes model: generate from captions of the dataset grammar (a quarter
     /// held out), analyse each image, print the confusion figures.
-    Eval {
-        /// Captions to generate (image i uses seed SEED + i).
-        #[arg(long, default_value_t = 48)]
-        count: usize,
-        #[arg(long, default_value_t = wuerstchen::analysis::EVAL_SEED)]
-        seed: u64,
-        /// Prior pipeline folder or hub id; with --decoder. Default: the embedded model.
-        #[arg(long)]
-        prior: Option<PathBuf>,
-        #[arg(long)]
-        decoder: Option<PathBuf>,
-        /// Also save the images here, named by index and caption.
-        #[arg(long)]
-        images: Option<PathBuf>,
-    },
+    Eval(EvalArgs),
     /// Serve predictions over HTTP (Replicate's Cog API) and a web page.
     Serve {
         #[arg(long, default_value = "127.0.0.1")]
@@ -96,6 +82,31 @@ enum Command {
         /// The PNG file.
         file: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Captions to generate (image i uses seed SEED + i).
+    #[arg(long, default_value_t = 48)]
+    count: usize,
+    #[arg(long, default_value_t = wuerstchen::analysis::EVAL_SEED)]
+    seed: u64,
+    /// Prior pipeline folder or hub id; with --decoder. Default: the embedded model.
+    #[arg(long)]
+    prior: Option<PathBuf>,
+    #[arg(long)]
+    decoder: Option<PathBuf>,
+    /// Also save the images here, named by index and caption.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Linear prior schedule of N calls; default: the 29-call DEFAULT_STAGE_C_TIMESTEPS.
+    #[arg(long)]
+    prior_steps: Option<usize>,
+    /// Default 4, or the model folder's own.
+    #[arg(long)]
+    prior_guidance: Option<f64>,
+    #[arg(long, default_value_t = 12)]
+    decoder_steps: usize,
 }
 
 #[derive(Subcommand)]
@@ -141,8 +152,9 @@ struct GenerateArgs {
     /// Linear prior schedule of N calls; default: the 29-call DEFAULT_STAGE_C_TIMESTEPS.
     #[arg(long)]
     prior_steps: Option<usize>,
-    #[arg(long, default_value_t = 4.0)]
-    prior_guidance: f64,
+    /// Default 4, or the model folder's own.
+    #[arg(long)]
+    prior_guidance: Option<f64>,
     #[arg(long, default_value_t = 12)]
     decoder_steps: usize,
     #[arg(long, default_value_t = 0.0)]
@@ -212,42 +224,49 @@ fn serve(
         .with_context(|| format!("serving on {addr}"))
 }
 
-fn eval(
-    count: usize,
-    seed: u64,
-    prior: Option<PathBuf>,
-    decoder: Option<PathBuf>,
-    images: Option<PathBuf>,
-) -> Result<()> {
+fn eval(a: EvalArgs) -> Result<()> {
     use wuerstchen::analysis::evaluate;
     use wuerstchen::image_io::{encode_png, write_atomically};
-    let (prior, decoder) = generate::locate_models(prior, decoder)?;
+    let (prior, decoder) = generate::locate_models(a.prior, a.decoder)?;
     let pipeline = wuerstchen::pipeline::WuerstchenPipeline::open(
         &prior,
         &decoder,
         Device::Cpu,
         candle_core::DType::F32,
     )?;
-    if let Some(dir) = &images {
+    let d = pipeline.defaults();
+    let recipe = wuerstchen::pipeline::GenerationParams {
+        prior_steps: a.prior_steps,
+        prior_guidance: a.prior_guidance.unwrap_or(d.prior_guidance),
+        decoder_steps: a.decoder_steps,
+        ..d
+    };
+    if let Some(dir) = &a.images {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut saved = Ok(());
-    let report = evaluate(&pipeline, count, seed, &mut |i, spec, image, found| {
-        let caption = spec.caption();
-        eprintln!(
-            "{i:>3} {caption:<60} found {} {} on {}",
-            found
-                .color
-                .map_or("-", |c| wuerstchen::dataset::COLORS[c].0),
-            found.shape.map_or("-", |s| wuerstchen::dataset::SHAPES[s]),
-            wuerstchen::dataset::COLORS[found.background].0,
-        );
-        if let (Some(dir), Ok(())) = (&images, &saved) {
-            let path = dir.join(format!("{i:03}-{}.png", caption.replace(' ', "_")));
-            saved =
-                encode_png(image, Some(&caption)).and_then(|bytes| write_atomically(&path, &bytes));
-        }
-    })?;
+    let report = evaluate(
+        &pipeline,
+        a.count,
+        a.seed,
+        &recipe,
+        &mut |i, spec, image, found| {
+            let caption = spec.caption();
+            eprintln!(
+                "{i:>3} {caption:<60} found {} {} on {}",
+                found
+                    .color
+                    .map_or("-", |c| wuerstchen::dataset::COLORS[c].0),
+                found.shape.map_or("-", |s| wuerstchen::dataset::SHAPES[s]),
+                wuerstchen::dataset::COLORS[found.background].0,
+            );
+            if let (Some(dir), Ok(())) = (&a.images, &saved) {
+                let path = dir.join(format!("{i:03}-{}.png", caption.replace(' ', "_")));
+                saved = encode_png(image, Some(&caption))
+                    .and_then(|bytes| write_atomically(&path, &bytes));
+            }
+        },
+    )?;
     saved?;
     print!("{report}");
     Ok(())
@@ -274,13 +293,7 @@ fn main() -> ExitCode {
             dtype,
             device,
         } => serve(&host, port, prior, decoder, queue, &dtype, &device),
-        Command::Eval {
-            count,
-            seed,
-            prior,
-            decoder,
-            images,
-        } => eval(count, seed, prior, decoder, images),
+        Command::Eval(args) => eval(args),
         Command::Train(args) => train::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Dataset {

@@ -59,6 +59,10 @@ pub struct TrainArgs {
     /// small default; a resumed run reuses the config it was started with.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// stage-c only: the prior guidance the exported model declares as its own default
+    /// (prior/model_index.json `default_prior_guidance_scale`; diffusers' default is 4).
+    #[arg(long)]
+    default_prior_guidance: Option<f64>,
     /// Store the exported weights in f16.
     #[arg(long)]
     export_f16: bool,
@@ -71,6 +75,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
     if a.freeze_compressor && !matches!(a.stage, StageArg::StageB) {
         anyhow::bail!("--freeze-compressor applies to stage-b only");
+    }
+    if a.default_prior_guidance.is_some() && !matches!(a.stage, StageArg::StageC) {
+        anyhow::bail!("--default-prior-guidance applies to stage-c only");
     }
     let data = ImageFolder::load(&a.data, None)?;
     let opts = TrainOptions {
@@ -120,7 +127,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         StageArg::StageC => {
             let te = tr::text_encoder::default_config();
-            Box::new(tr::stage_c::StageCTrainer::new(
+            let mut trainer = tr::stage_c::StageCTrainer::new(
                 tr::run_config(
                     &opts.out,
                     "stage-c",
@@ -130,7 +137,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 &opts.out,
                 data.size,
                 &device,
-            )?)
+            )?;
+            trainer.default_guidance = a.default_prior_guidance;
+            Box::new(trainer)
         }
     };
     eprintln!(

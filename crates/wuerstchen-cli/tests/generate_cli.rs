@@ -434,7 +434,7 @@ fn missing_and_corrupt_model_folders_fail_cleanly() {
 }
 
 #[test]
-fn default_size_follows_the_model_folder() {
+fn default_size_and_guidance_follow_the_model_folder() {
     let dir = scratch("native");
     let prior = dir.join("prior");
     copy_dir(&pipeline_fixtures().join("prior"), &prior);
@@ -443,6 +443,7 @@ fn default_size_follows_the_model_folder() {
         serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
     v["default_width"] = 256.into();
     v["default_height"] = 128.into();
+    v["default_prior_guidance_scale"] = 7.5.into();
     std::fs::write(&index, v.to_string()).unwrap();
     let out = dir.join("native.png");
     let p = prior.display().to_string();
@@ -465,6 +466,20 @@ fn default_size_follows_the_model_folder() {
     );
     let png = read_png(&out).unwrap();
     assert_eq!((png.image.width, png.image.height), (256, 128));
+    let text = wuerstchen::image_io::read_parameters(&out)
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("CFG scale: 7.5,"), "{text}");
+    // a flag still wins
+    let res = wuerstchen(&generate_args(
+        &out,
+        &[&args[..], &["--prior-guidance", "2"]].concat(),
+    ));
+    assert!(res.status.success());
+    let text = wuerstchen::image_io::read_parameters(&out)
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("CFG scale: 2,"), "{text}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -334,7 +334,18 @@ fn text_encoder_and_stage_c_learn() {
         mean(&l[30..]) < mean(&l[..10]),
         "text-encoder loss did not decrease"
     );
-    let l = train_ok("stage-c", &data, &out, 40, &["--lr", "1e-3"]);
+    let l = train_ok(
+        "stage-c",
+        &data,
+        &out,
+        40,
+        &["--lr", "1e-3", "--default-prior-guidance", "6"],
+    );
+    // the export declares the guidance it is meant to be sampled with
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("prior/model_index.json")).unwrap())
+            .unwrap();
+    assert_eq!(index["default_prior_guidance_scale"], 6.0);
     println!(
         "stage-c loss {:.4} -> {:.4}",
         mean(&l[..10]),

@@ -20,6 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
+use wuerstchen::pipeline::GenerationParams;
 
 use metrics::Outcome;
 use prediction::{Event, Prediction, Status};
@@ -213,7 +214,7 @@ async fn health(State(st): State<AppState>) -> Json<Value> {
 }
 
 async fn openapi(State(st): State<AppState>) -> Json<Value> {
-    Json(schema::openapi(st.shared.setup().native))
+    Json(schema::openapi(&st.shared.setup().defaults))
 }
 
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
@@ -268,7 +269,7 @@ struct Request {
     events: Vec<Event>,
 }
 
-fn parse_request(body: &[u8], native: (usize, usize)) -> Result<Request, ApiError> {
+fn parse_request(body: &[u8], defaults: &GenerationParams) -> Result<Request, ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::Malformed(format!("Expecting value: {e}")))?;
     let Value::Object(obj) = &v else {
@@ -277,7 +278,7 @@ fn parse_request(body: &[u8], native: (usize, usize)) -> Result<Request, ApiErro
     };
     let input = obj.get("input").cloned().unwrap_or(json!({}));
     let mut detail: Vec<Value> = Vec::new();
-    let params = match schema::parse_input(&input, native) {
+    let params = match schema::parse_input(&input, defaults) {
         Ok(p) => Some(p),
         Err(errs) => {
             detail.extend(errs.iter().map(schema::FieldError::to_json));
@@ -358,7 +359,7 @@ async fn run_request(
             setup.logs.trim()
         ))),
     }
-    .and_then(|()| parse_request(&body, setup.native));
+    .and_then(|()| parse_request(&body, &setup.defaults));
     let req = match answer {
         Ok(r) => r,
         Err(e) => {

@@ -40,10 +40,9 @@ pub struct Field {
     pub multiple_of: Option<usize>,
 }
 
-/// The input table, in Cog's `x-order`. `native` is the model's own size (the default
-/// width and height).
-pub fn fields(native: (usize, usize)) -> Vec<Field> {
-    let d = GenerationParams::default();
+/// The input table, in Cog's `x-order`. `d` holds the model's defaults (its own size
+/// and prior guidance).
+pub fn fields(d: &GenerationParams) -> Vec<Field> {
     let f =
         |name, kind, description, default: Option<Value>, min: Option<f64>, max: Option<f64>| {
             Field {
@@ -89,15 +88,11 @@ pub fn fields(native: (usize, usize)) -> Vec<Field> {
             None,
             None,
         ),
-        size(
-            "width",
-            "Image width in pixels, a multiple of 128",
-            native.0,
-        ),
+        size("width", "Image width in pixels, a multiple of 128", d.width),
         size(
             "height",
             "Image height in pixels, a multiple of 128",
-            native.1,
+            d.height,
         ),
         f(
             "num_images_per_prompt",
@@ -252,7 +247,7 @@ fn check(field: &Field, v: &Value) -> Result<Value, FieldError> {
 /// is reported (Cog lists them all); unknown fields are dropped, as Cog does.
 pub fn parse_input(
     input: &Value,
-    native: (usize, usize),
+    d: &GenerationParams,
 ) -> Result<GenerationParams, Vec<FieldError>> {
     let empty = Map::new();
     let obj = match input {
@@ -268,7 +263,7 @@ pub fn parse_input(
     };
     let mut errors = Vec::new();
     let mut values: Map<String, Value> = Map::new();
-    for field in fields(native) {
+    for field in fields(d) {
         match obj.get(field.name).filter(|v| !v.is_null()) {
             None if field.required => errors.push(FieldError {
                 field: field.name.into(),
@@ -312,12 +307,11 @@ pub fn parse_input(
             .unwrap_or_default()
             .to_string()
     };
-    let d = GenerationParams::default();
     Ok(GenerationParams {
         prompt: text("prompt"),
         negative_prompt: text("negative_prompt"),
-        width: int("width").map_or(native.0, |v| v as usize),
-        height: int("height").map_or(native.1, |v| v as usize),
+        width: int("width").map_or(d.width, |v| v as usize),
+        height: int("height").map_or(d.height, |v| v as usize),
         num_images: int("num_images_per_prompt").map_or(1, |v| v as usize),
         seed: int("seed"),
         prior_steps: int("prior_num_inference_steps").map(|v| v as usize),
@@ -329,10 +323,10 @@ pub fn parse_input(
 
 /// Cog's OpenAPI document: the inputs under `components.schemas.Input`, the output
 /// (a list of PNG data URLs) under `Output`, and the request / response types.
-pub fn openapi(native: (usize, usize)) -> Value {
+pub fn openapi(d: &GenerationParams) -> Value {
     let mut props = Map::new();
     let mut required = Vec::new();
-    for (i, f) in fields(native).iter().enumerate() {
+    for (i, f) in fields(d).iter().enumerate() {
         let mut p = json!({
             "title": title(f.name),
             "type": f.kind.openapi_type(),
@@ -463,24 +457,29 @@ fn title(name: &str) -> String {
 mod tests {
     use super::*;
 
-    const NATIVE: (usize, usize) = (128, 128);
+    fn native() -> GenerationParams {
+        GenerationParams {
+            width: 128,
+            height: 128,
+            prior_guidance: 7.5,
+            ..Default::default()
+        }
+    }
 
     #[test]
     fn defaults_fill_what_is_absent() {
-        let p = parse_input(&json!({"prompt": "a cat", "unknown": 3}), NATIVE).unwrap();
+        let p = parse_input(&json!({"prompt": "a cat", "unknown": 3}), &native()).unwrap();
         assert_eq!(
             p,
             GenerationParams {
                 prompt: "a cat".into(),
-                width: 128,
-                height: 128,
-                ..Default::default()
+                ..native()
             }
         );
         let p = parse_input(
             &json!({"prompt": "x", "width": 256.0, "seed": 7, "prior_num_inference_steps": 10,
                      "num_images_per_prompt": 2, "decoder_guidance_scale": 2}),
-            NATIVE,
+            &native(),
         )
         .unwrap();
         assert_eq!(
@@ -500,7 +499,7 @@ mod tests {
         let errs = parse_input(
             &json!({"width": 1000, "height": "big", "num_images_per_prompt": 9,
                      "prior_guidance_scale": -1, "seed": 1.5}),
-            NATIVE,
+            &native(),
         )
         .unwrap_err();
         let got: Vec<(&str, &str)> = errs
@@ -526,16 +525,16 @@ mod tests {
             json!({"loc": ["body", "input", "num_images_per_prompt"],
                    "msg": "9 is greater than the maximum of 4", "type": "value_error"})
         );
-        assert!(parse_input(&json!([1]), NATIVE).is_err());
+        assert!(parse_input(&json!([1]), &native()).is_err());
     }
 
     #[test]
     fn openapi_lists_the_inputs_with_their_limits() {
-        let doc = openapi(NATIVE);
+        let doc = openapi(&native());
         let input = &doc["components"]["schemas"]["Input"];
         let props = input["properties"].as_object().unwrap();
         let names: Vec<&str> = props.keys().map(String::as_str).collect();
-        for f in fields(NATIVE) {
+        for f in fields(&native()) {
             assert!(names.contains(&f.name), "{}", f.name);
         }
         assert_eq!(input["required"], json!(["prompt"]));
@@ -548,7 +547,9 @@ mod tests {
             ),
             (Some(4.0), Some(1), Some(4))
         );
+        // the model's own defaults are the documented ones
         assert_eq!(props["width"]["default"], json!(128));
+        assert_eq!(props["prior_guidance_scale"]["default"], json!(7.5));
         assert_eq!(n["title"], "Num Images Per Prompt");
         assert_eq!(doc["components"]["schemas"]["Output"]["type"], "array");
     }

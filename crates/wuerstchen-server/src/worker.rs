@@ -13,7 +13,7 @@ use candle_core::{DType, Device};
 use tokio::sync::mpsc::UnboundedSender;
 use wuerstchen::image_io::encode_png;
 use wuerstchen::noise::NoiseSource;
-use wuerstchen::pipeline::{Stage, WuerstchenPipeline};
+use wuerstchen::pipeline::{GenerationParams, Stage, WuerstchenPipeline};
 
 use crate::metrics::{Metrics, Outcome};
 use crate::prediction::{now_rfc3339, Event, Prediction, Progress, Status};
@@ -32,8 +32,8 @@ pub struct Setup {
     pub started_at: String,
     pub completed_at: Option<String>,
     pub logs: String,
-    /// the model's own image size, known once the pipeline is open
-    pub native: (usize, usize),
+    /// the model's own defaults (size, prior guidance), known once the pipeline is open
+    pub defaults: GenerationParams,
     pub model: String,
 }
 
@@ -81,7 +81,7 @@ impl Shared {
                 started_at: now_rfc3339(),
                 completed_at: None,
                 logs: String::new(),
-                native: (1024, 1024),
+                defaults: GenerationParams::default(),
                 model: String::new(),
             }),
             predictions: Mutex::new(HashMap::new()),
@@ -254,15 +254,16 @@ pub fn run(shared: Arc<Shared>, spec: ModelSpec) {
         };
     {
         let mut s = shared.setup.lock().unwrap_or_else(|e| e.into_inner());
-        s.native = pipeline.native_size();
+        s.defaults = pipeline.defaults();
         s.model = pipeline.model_name();
         s.logs = format!(
-            "model {} (prior {}, decoder {}), native size {}x{}\n",
+            "model {} (prior {}, decoder {}), native size {}x{}, prior guidance {}\n",
             s.model,
             spec.prior.display(),
             spec.decoder.display(),
-            s.native.0,
-            s.native.1
+            s.defaults.width,
+            s.defaults.height,
+            s.defaults.prior_guidance
         );
         s.status = SetupStatus::Succeeded;
         s.completed_at = Some(now_rfc3339());

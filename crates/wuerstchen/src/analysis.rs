@@ -244,10 +244,13 @@ impl std::fmt::Display for Evaluation {
 /// Generates one image per caption of `eval_specs(count, seed)` at the model's native
 /// size with the default recipe (image `i` seeded with `seed + i`) and analyses it.
 /// `on_image` sees each caption, image and finding (to save or print them).
+/// `recipe` gives the sampling settings (steps, guidance); its prompt, size and seed
+/// are replaced by each caption's, the model's native size and `seed + i`.
 pub fn evaluate(
     pipeline: &WuerstchenPipeline,
     count: usize,
     seed: u64,
+    recipe: &GenerationParams,
     on_image: &mut dyn FnMut(usize, &ShapeSpec, &RgbImage, &Analysis),
 ) -> Result<Evaluation> {
     let (width, height) = pipeline.native_size();
@@ -257,8 +260,9 @@ pub fn evaluate(
             prompt: spec.caption(),
             width,
             height,
+            num_images: 1,
             seed: Some(seed + i as u64),
-            ..Default::default()
+            ..recipe.clone()
         };
         let mut noise = NoiseSource::seeded(seed + i as u64);
         let image = pipeline

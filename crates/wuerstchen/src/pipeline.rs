@@ -159,6 +159,9 @@ pub struct PriorPipelineConfig {
     /// `--width` / `--height`, e.g. for a small model trained at 256 pixels.
     pub default_width: Option<usize>,
     pub default_height: Option<usize>,
+    /// Likewise the prior guidance a model is meant to be sampled with (ours), e.g. a
+    /// small model whose prior needs more than diffusers' 4 to draw what it is told.
+    pub default_prior_guidance_scale: Option<f64>,
 }
 
 impl Default for PriorPipelineConfig {
@@ -169,6 +172,7 @@ impl Default for PriorPipelineConfig {
             resolution_multiple: 42.67,
             default_width: None,
             default_height: None,
+            default_prior_guidance_scale: None,
         }
     }
 }
@@ -302,11 +306,21 @@ impl WuerstchenPipeline {
     /// (width, height) used when the caller gives none: the prior folder's declared
     /// size, else 1024 x 1024.
     pub fn native_size(&self) -> (usize, usize) {
+        let d = self.defaults();
+        (d.width, d.height)
+    }
+
+    /// The parameters a caller starts from: diffusers' defaults, with the size and
+    /// prior guidance the prior folder declares for itself where it does.
+    pub fn defaults(&self) -> GenerationParams {
         let d = GenerationParams::default();
-        (
-            self.prior_config.default_width.unwrap_or(d.width),
-            self.prior_config.default_height.unwrap_or(d.height),
-        )
+        let pc = &self.prior_config;
+        GenerationParams {
+            width: pc.default_width.unwrap_or(d.width),
+            height: pc.default_height.unwrap_or(d.height),
+            prior_guidance: pc.default_prior_guidance_scale.unwrap_or(d.prior_guidance),
+            ..d
+        }
     }
 
     /// A short name for the PNG metadata: the hub repository of a cached snapshot,

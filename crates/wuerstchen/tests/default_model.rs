@@ -26,9 +26,15 @@ fn evaluate_default_model(tag: &str) -> Evaluation {
     )
     .unwrap();
     assert_eq!(pipeline.native_size(), (128, 128));
-    let eval = evaluate(&pipeline, 48, EVAL_SEED, &mut |i, spec, _, found| {
-        println!("{i:>2} {:<58} {found:?}", spec.caption());
-    })
+    let eval = evaluate(
+        &pipeline,
+        48,
+        EVAL_SEED,
+        &pipeline.defaults(),
+        &mut |i, spec, _, found| {
+            println!("{i:>2} {:<58} {found:?}", spec.caption());
+        },
+    )
     .unwrap();
     println!("{eval}");
     std::fs::remove_dir_all(&root).unwrap();

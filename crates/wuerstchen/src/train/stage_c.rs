@@ -37,6 +37,8 @@ pub struct StageCTrainer {
     image_size: usize,
     /// side of the compressor's feature map at `image_size`
     feature_side: usize,
+    /// declared in the exported model_index.json as the model's own prior guidance
+    pub default_guidance: Option<f64>,
 }
 
 impl StageCTrainer {
@@ -82,6 +84,7 @@ impl StageCTrainer {
             scheduler: DdpmWuerstchenScheduler::new(SchedulerConfig::default()),
             image_size,
             feature_side,
+            default_guidance: None,
         })
     }
 }
@@ -158,7 +161,7 @@ impl StageTrainer for StageCTrainer {
             }
             index
         };
-        let prior_index = with_shared(json!({
+        let mut prior_index = with_shared(json!({
             "_class_name": "WuerstchenPriorPipeline",
             "prior": ["diffusers", "WuerstchenPrior"],
             "latent_mean": 1.0,
@@ -167,6 +170,9 @@ impl StageTrainer for StageCTrainer {
             "default_width": self.image_size,
             "default_height": self.image_size,
         }));
+        if let Some(g) = self.default_guidance {
+            prior_index["default_prior_guidance_scale"] = json!(g);
+        }
         let decoder_index = with_shared(json!({
             "_class_name": "WuerstchenDecoderPipeline",
             "decoder": ["diffusers", "WuerstchenDiffNeXt"],
