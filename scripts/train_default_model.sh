@@ -2,47 +2,64 @@
 # Trains the small default model (models/default) end to end with our own commands,
 # on CPU, as it was made: see models/default/MODEL_CARD.md.
 #
-#   scripts/train_default_model.sh            # writes models/default/{prior,decoder}
+#   scripts/train_default_model.sh            # writes models/default/{prior,decoder,compressor}
 #
 # Every number is an environment variable, so a quick rehearsal is e.g.
-#   OUT=/tmp/m DATA=/tmp/d COUNT=64 STEPS_A=20 STEPS_B_JOINT=20 STEPS_B=30 STEPS_TE=20 STEPS_C=20 \
-#       scripts/train_default_model.sh
+#   OUT=/tmp/m DATA=/tmp/d DATA_BIG=/tmp/d2 COUNT=64 COUNT_BIG=128 STEPS_A=20 STEPS_B_JOINT=20 \
+#       STEPS_B=30 STEPS_TE=20 STEPS_C1=20 STEPS_C=40 scripts/train_default_model.sh
 # Reruns resume each stage from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-models/default}
-DATA=${DATA:-target/default-data}
+DATA=${DATA:-target/default-data}           # 2000 images: Stage A, compressor, text encoder, prior start
+DATA_BIG=${DATA_BIG:-target/default-data-big} # 20000 more (another seed): decoder, rest of the prior
 COUNT=${COUNT:-2000}
-SEED=${SEED:-0}
+COUNT_BIG=${COUNT_BIG:-20000}
 STEPS_A=${STEPS_A:-800}
-STEPS_B_JOINT=${STEPS_B_JOINT:-1600}   # decoder and semantic compressor together
-STEPS_B=${STEPS_B:-4000}               # then the decoder alone on the frozen compressor
+STEPS_B_JOINT=${STEPS_B_JOINT:-1600}   # a first decoder and the semantic compressor together
+STEPS_B=${STEPS_B:-3200}               # then the shipped decoder on the frozen compressor
 STEPS_TE=${STEPS_TE:-500}
-STEPS_C=${STEPS_C:-4000}
+STEPS_C1=${STEPS_C1:-4000}             # the prior on DATA ...
+STEPS_C=${STEPS_C:-10000}              # ... and on to STEPS_C on DATA_BIG
+PRIOR_GUIDANCE=${PRIOR_GUIDANCE:-8}    # declared in prior/model_index.json
 
 cargo build --release --quiet
 BIN=target/release/wuerstchen
 
-[ -d "$DATA" ] || "$BIN" dataset shapes --out "$DATA" --count "$COUNT" --size 128 --seed "$SEED"
+[ -d "$DATA" ] || "$BIN" dataset shapes --out "$DATA" --count "$COUNT" --size 128 --seed 0
+[ -d "$DATA_BIG" ] || "$BIN" dataset shapes --out "$DATA_BIG" --count "$COUNT_BIG" --size 128 --seed 1
 
-common=(--data "$DATA" --out "$OUT" --seed "$SEED" --quiet --log-every 50 --checkpoint-every 100 --export-f16)
-time "$BIN" train stage-a "${common[@]}" --steps "$STEPS_A" --batch-size 8 --lr 1e-3 --warmup-steps 100
-time "$BIN" train stage-b "${common[@]}" --steps "$STEPS_B_JOINT" --batch-size 8 --lr 5e-4 --warmup-steps 50
+log=(--quiet --log-every 50 --checkpoint-every 100 --export-f16)
+time "$BIN" train stage-a --data "$DATA" --out "$OUT" --seed 0 "${log[@]}" \
+    --steps "$STEPS_A" --batch-size 8 --lr 1e-3 --warmup-steps 100
+time "$BIN" train stage-b --data "$DATA" --out "$OUT" --seed 0 "${log[@]}" \
+    --steps "$STEPS_B_JOINT" --batch-size 8 --lr 5e-4 --warmup-steps 50
 
 # Once the compressor is frozen, the decoder and the text side are independent: train
 # them at the same time, one core each (candle gains little from a second thread on
-# these small tensors, so this halves the wall time).
+# these small tensors, so this halves the wall time). The shipped decoder is another
+# architecture than the joint run's (patch size 1, three levels: scripts/default_model/
+# decoder.json), so it trains in a folder of its own on a copy of Stage A and the
+# compressor.
 export RAYON_NUM_THREADS=1
-time "$BIN" train stage-b "${common[@]}" --steps "$STEPS_B" --batch-size 8 --lr 5e-4 --warmup-steps 50 \
-    --freeze-compressor > "$OUT/stage-b-frozen.log" 2>&1 &
+DEC="$OUT/checkpoints/decoder"
+mkdir -p "$DEC/decoder"
+cp -r "$OUT/decoder/vqgan" "$DEC/decoder/"
+cp -r "$OUT/compressor" "$DEC/"
+time "$BIN" train stage-b --data "$DATA_BIG" --out "$DEC" --seed 0 "${log[@]}" \
+    --config scripts/default_model/decoder.json --freeze-compressor \
+    --steps "$STEPS_B" --batch-size 8 --lr 8e-4 --warmup-steps 100 > "$OUT/stage-b-frozen.log" 2>&1 &
 decoder=$!
-time "$BIN" train text-encoder "${common[@]}" --steps "$STEPS_TE" --batch-size 32 --lr 1e-3 --warmup-steps 50 \
-    --tokenizer tests/fixtures/tokenizer
-time "$BIN" train stage-c "${common[@]}" --steps "$STEPS_C" --batch-size 16 --lr 5e-4 --warmup-steps 100
+time "$BIN" train text-encoder --data "$DATA" --out "$OUT" --seed 0 "${log[@]}" \
+    --steps "$STEPS_TE" --batch-size 32 --lr 1e-3 --warmup-steps 50 --tokenizer tests/fixtures/tokenizer
+c=(--out "$OUT" "${log[@]}" --batch-size 16 --lr 5e-4 --warmup-steps 100 --default-prior-guidance "$PRIOR_GUIDANCE")
+time "$BIN" train stage-c --data "$DATA" --seed 0 "${c[@]}" --steps "$STEPS_C1"
+time "$BIN" train stage-c --data "$DATA_BIG" --seed 1 "${c[@]}" --steps "$STEPS_C"
 wait "$decoder"
 cat "$OUT/stage-b-frozen.log"
 unset RAYON_NUM_THREADS
+cp "$DEC/decoder/decoder/"* "$OUT/decoder/decoder/"
 
 "$BIN" generate "a red circle on a blue background" --prior "$OUT/prior" --decoder "$OUT/decoder" \
     --seed 1 --out "$OUT/sample.png"
