@@ -36,30 +36,34 @@ time "$BIN" train stage-a --data "$DATA" --out "$OUT" --seed 0 "${log[@]}" \
 time "$BIN" train stage-b --data "$DATA" --out "$OUT" --seed 0 "${log[@]}" \
     --steps "$STEPS_B_JOINT" --batch-size 8 --lr 5e-4 --warmup-steps 50
 
-# Once the compressor is frozen, the decoder and the text side are independent: train
-# them at the same time, one core each (candle gains little from a second thread on
-# these small tensors, so this halves the wall time). The shipped decoder is another
-# architecture than the joint run's (patch size 1, three levels: scripts/default_model/
-# decoder.json), so it trains in a folder of its own on a copy of Stage A and the
-# compressor.
+time "$BIN" train text-encoder --data "$DATA" --out "$OUT" --seed 0 "${log[@]}" \
+    --steps "$STEPS_TE" --batch-size 32 --lr 1e-3 --warmup-steps 50 --tokenizer tests/fixtures/tokenizer
+
+# Once the compressor and the text encoder are frozen, the decoder and the prior are
+# independent: train them at the same time, one core each (candle gains little from a
+# second thread on these small tensors, so this halves the wall time). The shipped
+# decoder is another architecture than the joint run's (patch size 1, three levels,
+# attention to the caption at the lower two: scripts/default_model/decoder.json), so
+# it trains in a folder of its own on copies of Stage A, the compressor and the text
+# encoder.
 export RAYON_NUM_THREADS=1
 DEC="$OUT/checkpoints/decoder"
 mkdir -p "$DEC/decoder"
-cp -r "$OUT/decoder/vqgan" "$DEC/decoder/"
+for part in vqgan text_encoder tokenizer; do cp -r "$OUT/decoder/$part" "$DEC/decoder/"; done
 cp -r "$OUT/compressor" "$DEC/"
 time "$BIN" train stage-b --data "$DATA_BIG" --out "$DEC" --seed 0 "${log[@]}" \
     --config scripts/default_model/decoder.json --freeze-compressor \
     --steps "$STEPS_B" --batch-size 8 --lr 8e-4 --warmup-steps 100 > "$OUT/stage-b-frozen.log" 2>&1 &
 decoder=$!
-time "$BIN" train text-encoder --data "$DATA" --out "$OUT" --seed 0 "${log[@]}" \
-    --steps "$STEPS_TE" --batch-size 32 --lr 1e-3 --warmup-steps 50 --tokenizer tests/fixtures/tokenizer
 c=(--out "$OUT" "${log[@]}" --batch-size 16 --lr 5e-4 --warmup-steps 100 --default-prior-guidance "$PRIOR_GUIDANCE")
 time "$BIN" train stage-c --data "$DATA" --seed 0 "${c[@]}" --steps "$STEPS_C1"
 time "$BIN" train stage-c --data "$DATA_BIG" --seed 1 "${c[@]}" --steps "$STEPS_C"
 wait "$decoder"
 cat "$OUT/stage-b-frozen.log"
 unset RAYON_NUM_THREADS
+# the decoder with the latent scale its run measured on Stage A
 cp "$DEC/decoder/decoder/"* "$OUT/decoder/decoder/"
+cp "$DEC/decoder/vqgan/config.json" "$OUT/decoder/vqgan/"
 
 "$BIN" generate "a red circle on a blue background" --prior "$OUT/prior" --decoder "$OUT/decoder" \
     --seed 1 --out "$OUT/sample.png"

@@ -5,7 +5,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{bin, fixtures, scratch};
+use common::{bin, copy_dir, fixtures, scratch};
 use wuerstchen::image_io::read_png;
 
 fn pipeline_fixtures() -> PathBuf {
@@ -396,20 +396,6 @@ fn noise_file_errors_are_named() {
     std::fs::write(dir.join("junk.safetensors"), b"junk").unwrap();
     with(&dir.join("junk.safetensors"), "junk.safetensors");
     std::fs::remove_dir_all(dir).unwrap();
-}
-
-/// Copies a fixture pipeline folder (following the tokenizer link) for corruption.
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        let target = dst.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &target);
-        } else {
-            std::fs::copy(&p, &target).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use common::{bin, fixtures, scratch};
+use common::{bin, copy_dir, fixtures, scratch};
 use wuerstchen::compressor::SemanticCompressor;
 use wuerstchen::stage_a::PaellaVQModel;
 use wuerstchen::stage_b::WuerstchenDiffNeXt;
@@ -400,6 +400,69 @@ fn all_four_stages_make_a_model_that_generates() {
     );
     let img = wuerstchen::image_io::read_png(&png).unwrap().image;
     assert_eq!((img.width, img.height), (128, 128));
+
+    // a decoder that reads the captions too (attention blocks, as the official Stage
+    // B), trained on the frozen compressor in a folder of its own
+    let dec = dir.join("text-decoder");
+    let config = dir.join("decoder.json");
+    std::fs::write(
+        &config,
+        r#"{"c_hidden": [8, 16], "blocks": [1, 1], "level_config": ["CT", "CTA"],
+            "nhead": [-1, 2], "inject_effnet": [true, true], "c_cond": 16, "c_r": 8,
+            "clip_embd": 64, "patch_size": 2, "dropout": 0.0}"#,
+    )
+    .unwrap();
+    let text_decoder = |extra: &[&str]| {
+        let mut c = train_stage("stage-b", &data, &dec, 2, 2);
+        c.args(["--freeze-compressor", "--config"])
+            .arg(&config)
+            .args(extra);
+        run(&mut c)
+    };
+    std::fs::create_dir_all(dec.join("decoder")).unwrap();
+    copy_dir(&out.join("decoder/vqgan"), &dec.join("decoder/vqgan"));
+    copy_dir(&out.join("compressor"), &dec.join("compressor"));
+    let res = text_decoder(&[]);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && stderr.contains("text-encoder"),
+        "{stderr}"
+    );
+    for part in ["text_encoder", "tokenizer"] {
+        copy_dir(
+            &out.join("decoder").join(part),
+            &dec.join("decoder").join(part),
+        );
+    }
+    let res = text_decoder(&[]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    // the pipeline-level files come from the stage-c export, as in the default model
+    copy_dir(
+        &out.join("decoder/scheduler"),
+        &dec.join("decoder/scheduler"),
+    );
+    std::fs::copy(
+        out.join("decoder/model_index.json"),
+        dec.join("decoder/model_index.json"),
+    )
+    .unwrap();
+    let res = run(bin()
+        .args(["generate", "a red circle", "--quiet", "--prior-steps", "2"])
+        .args(["--decoder-steps", "2", "--prior"])
+        .arg(out.join("prior"))
+        .arg("--decoder")
+        .arg(dec.join("decoder"))
+        .arg("--out")
+        .arg(&png));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -1,7 +1,7 @@
 //! Helpers shared by the binary's integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// `tests/fixtures` at the repository root.
@@ -18,6 +18,20 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 /// The `wuerstchen` binary under test.
+/// Copies a folder tree (following links, e.g. a fixture's tokenizer link).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let target = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &target);
+        } else {
+            std::fs::copy(&p, &target).unwrap();
+        }
+    }
+}
+
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
 }

@@ -1,5 +1,6 @@
 //! Stage B: the diffusion decoder on Stage A latents, conditioned on the semantic
-//! compressor's features, which are trained jointly with it.
+//! compressor's features, which are trained jointly with it, and where its config has
+//! attention (A) blocks, on the captions through the trained text encoder.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::data::ImageFolder;
-use super::text_encoder::load_compressor;
+use super::text_encoder::{load_compressor, TextCondition};
 use super::{
     fold_batch_stats, init_batch_norm, require_stage, write_component, write_config, StageTrainer,
 };
@@ -37,10 +38,13 @@ pub struct StageBTrainer {
     /// Stage A's config with the measured latent scale as `scale_factor`
     vqgan_config: PaellaVQConfig,
     scheduler: DdpmWuerstchenScheduler,
+    /// The decoder pipeline's text encoder, for a config with attention blocks.
+    text: Option<TextCondition>,
 }
 
 impl StageBTrainer {
-    /// Needs the trained Stage A at `out/decoder/vqgan`.
+    /// Needs the trained Stage A at `out/decoder/vqgan`, and for a config with
+    /// attention blocks the trained text encoder at `out/decoder/text_encoder`.
     ///
     /// With `freeze_compressor`, the compressor an earlier run exported to
     /// `out/compressor` is loaded and left alone (inference mode: running statistics),
@@ -55,13 +59,18 @@ impl StageBTrainer {
         device: &Device,
         freeze_compressor: bool,
     ) -> Result<Self> {
-        if config.level_config.iter().any(|l| l.contains('A')) {
-            return Err(Error::InvalidParameter(
-                "this Stage B trainer conditions on the effnet features only: use a decoder \
-                 level_config without attention (A) blocks"
-                    .into(),
-            ));
-        }
+        let text = if config.level_config.iter().any(|l| l.contains('A')) {
+            let text = TextCondition::load(out, "decoder", device)?;
+            if text.hidden_size != config.clip_embd {
+                return Err(Error::InvalidParameter(format!(
+                    "decoder clip_embd {} differs from the text encoder's hidden_size {}",
+                    config.clip_embd, text.hidden_size
+                )));
+            }
+            Some(text)
+        } else {
+            None
+        };
         let vq_dir = out.join("decoder/vqgan");
         require_stage(&vq_dir, "Stage A", "stage-a")?;
         let (vqgan, vqgan_config) = PaellaVQModel::load(&vq_dir, DType::F32, device)?;
@@ -111,6 +120,7 @@ impl StageBTrainer {
                 ..vqgan_config
             },
             scheduler: DdpmWuerstchenScheduler::new(SchedulerConfig::default()),
+            text,
         })
     }
 }
@@ -131,7 +141,12 @@ impl StageTrainer for StageBTrainer {
         &self.varmap
     }
 
-    fn loss(&mut self, images: &Tensor, _: &[String], rng: &mut SeededRng) -> Result<Tensor> {
+    fn loss(
+        &mut self,
+        images: &Tensor,
+        captions: &[String],
+        rng: &mut SeededRng,
+    ) -> Result<Tensor> {
         let dev = images.device();
         let b = images.dim(0)?;
         // the target: Stage A latents as the pipeline decodes them (scale_factor * x)
@@ -159,8 +174,11 @@ impl StageTrainer for StageBTrainer {
         let noise = rng.randn(latents.dims(), dev)?;
         let noisy = self.scheduler.add_noise(&latents, &noise, &t)?;
         let r = Tensor::from_vec(t, b, dev)?;
-        // no attention blocks: the text input is unused, any width will do
-        let clip = Tensor::zeros((b, 1, self.config.clip_embd), DType::F32, dev)?;
+        let clip = match &self.text {
+            Some(text) => text.embed(captions, rng, dev)?,
+            // no attention blocks: the text input is unused, any width will do
+            None => Tensor::zeros((b, 1, self.config.clip_embd), DType::F32, dev)?,
+        };
         let pred = self.decoder.forward(&noisy, &r, &effnet, &clip)?;
         Ok((pred - noise)?.sqr()?.mean_all()?)
     }

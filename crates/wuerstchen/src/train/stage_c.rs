@@ -10,9 +10,8 @@ use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 
 use super::stage_b::uniform;
-use super::text_encoder::load_compressor;
-use super::{require_stage, write_component, StageTrainer};
-use crate::clip::ClipTextModel;
+use super::text_encoder::{load_compressor, TextCondition};
+use super::{write_component, StageTrainer};
 use crate::compressor::SemanticCompressor;
 use crate::config::{PriorConfig, SchedulerConfig};
 use crate::error::{Error, Result};
@@ -20,19 +19,13 @@ use crate::image_io::write_atomically;
 use crate::noise::SeededRng;
 use crate::scheduler::DdpmWuerstchenScheduler;
 use crate::stage_c::WuerstchenPrior;
-use crate::tokenizer::ClipTokenizer;
-
-/// Share of captions replaced by the empty prompt: the unconditional mode that
-/// classifier-free guidance needs (Würstchen uses 5%).
-const CAPTION_DROPOUT: f64 = 0.05;
 
 pub struct StageCTrainer {
     pub config: PriorConfig,
     varmap: VarMap,
     prior: WuerstchenPrior,
     compressor: SemanticCompressor,
-    text_encoder: ClipTextModel,
-    tokenizer: ClipTokenizer,
+    text: TextCondition,
     scheduler: DdpmWuerstchenScheduler,
     image_size: usize,
     /// side of the compressor's feature map at `image_size`
@@ -50,16 +43,13 @@ impl StageCTrainer {
         device: &Device,
     ) -> Result<Self> {
         let (compressor, _) = load_compressor(out, device)?;
-        let te_dir = out.join("prior/text_encoder");
-        require_stage(&te_dir, "text encoder", "text-encoder")?;
-        let (text_encoder, te_cfg) = ClipTextModel::load(&te_dir, DType::F32, device)?;
-        if te_cfg.hidden_size != config.c_cond {
+        let text = TextCondition::load(out, "prior", device)?;
+        if text.hidden_size != config.c_cond {
             return Err(Error::InvalidParameter(format!(
                 "prior c_cond {} differs from the text encoder's hidden_size {}",
-                config.c_cond, te_cfg.hidden_size
+                config.c_cond, text.hidden_size
             )));
         }
-        let tokenizer = ClipTokenizer::from_dir(&out.join("prior/tokenizer"))?;
         let probe = Tensor::zeros((1, 3, image_size, image_size), DType::F32, device)?;
         let feature_side = compressor.forward(&probe)?.dim(2)?;
         let varmap = VarMap::new();
@@ -79,8 +69,7 @@ impl StageCTrainer {
             varmap,
             prior,
             compressor,
-            text_encoder,
-            tokenizer,
+            text,
             scheduler: DdpmWuerstchenScheduler::new(SchedulerConfig::default()),
             image_size,
             feature_side,
@@ -109,20 +98,7 @@ impl StageTrainer for StageCTrainer {
         // targets: the compressor's features (latent_mean 1, latent_std 0 in the
         // pipeline, so the prior works in effnet space directly)
         let x0 = self.compressor.forward(images)?.detach();
-        let drop = uniform(rng, b);
-        let caps: Vec<&str> = captions
-            .iter()
-            .zip(&drop)
-            .map(|(c, &u)| {
-                if (u as f64) < CAPTION_DROPOUT {
-                    ""
-                } else {
-                    c.as_str()
-                }
-            })
-            .collect();
-        let (ids, mask) = self.tokenizer.encode_tensors(&caps, dev)?;
-        let text = self.text_encoder.forward(&ids, &mask)?.detach();
+        let text = self.text.embed(captions, rng, dev)?;
         let t = uniform(rng, b);
         let noise = rng.randn(x0.dims(), dev)?;
         let noisy = self.scheduler.add_noise(&x0, &noise, &t)?;

@@ -195,3 +195,50 @@ pub fn default_config() -> ClipTextConfig {
         layer_norm_eps: 1e-5,
     }
 }
+
+/// Share of captions replaced by "" while a stage learns to follow text: the
+/// unconditional mode classifier-free guidance needs (Würstchen drops 5%).
+pub const CAPTION_DROPOUT: f64 = 0.05;
+
+/// The trained, frozen text encoder of one pipeline folder, as a stage conditioned on
+/// it sees captions.
+pub struct TextCondition {
+    encoder: ClipTextModel,
+    tokenizer: ClipTokenizer,
+    pub hidden_size: usize,
+}
+
+impl TextCondition {
+    /// `pipeline` is "prior" or "decoder": the folder under `out` whose
+    /// `text_encoder/` and `tokenizer/` the text-encoder stage wrote.
+    pub fn load(out: &Path, pipeline: &str, device: &Device) -> Result<Self> {
+        let te_dir = out.join(pipeline).join("text_encoder");
+        require_stage(&te_dir, "text encoder", "text-encoder")?;
+        let (encoder, cfg) = ClipTextModel::load(&te_dir, DType::F32, device)?;
+        let tokenizer = ClipTokenizer::from_dir(&out.join(pipeline).join("tokenizer"))?;
+        Ok(Self {
+            encoder,
+            tokenizer,
+            hidden_size: cfg.hidden_size,
+        })
+    }
+
+    /// Hidden states (B, 77, hidden) of the captions, each replaced by "" with
+    /// probability CAPTION_DROPOUT (one draw per caption, made first).
+    pub fn embed(&self, captions: &[String], rng: &mut SeededRng, dev: &Device) -> Result<Tensor> {
+        let drop = super::stage_b::uniform(rng, captions.len());
+        let caps: Vec<&str> = captions
+            .iter()
+            .zip(&drop)
+            .map(|(c, &u)| {
+                if (u as f64) < CAPTION_DROPOUT {
+                    ""
+                } else {
+                    c.as_str()
+                }
+            })
+            .collect();
+        let (ids, mask) = self.tokenizer.encode_tensors(&caps, dev)?;
+        Ok(self.encoder.forward(&ids, &mask)?.detach())
+    }
+}
