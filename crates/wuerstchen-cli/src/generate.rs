@@ -32,9 +32,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         height: args.height.unwrap_or(d.height),
         num_images: args.num_images,
         seed: args.seed,
-        prior_steps: args.prior_steps,
-        prior_guidance: args.prior_guidance.unwrap_or(d.prior_guidance),
-        decoder_steps: args.decoder_steps,
+        prior_steps: args.sampling.prior_steps,
+        prior_guidance: args.sampling.prior_guidance.unwrap_or(d.prior_guidance),
+        decoder_steps: args.sampling.decoder_steps,
         decoder_guidance: args.decoder_guidance,
     };
     let outputs = output_paths(&args.out, params.num_images);

@@ -84,6 +84,19 @@ enum Command {
     },
 }
 
+/// The sampling flags `generate` and `eval` share.
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// Linear prior schedule of N calls; default: the 29-call DEFAULT_STAGE_C_TIMESTEPS.
+    #[arg(long)]
+    prior_steps: Option<usize>,
+    /// Default 4, or the model folder's own.
+    #[arg(long)]
+    prior_guidance: Option<f64>,
+    #[arg(long, default_value_t = 12)]
+    decoder_steps: usize,
+}
+
 #[derive(clap::Args)]
 struct EvalArgs {
     /// Captions to generate (image i uses seed SEED + i).
@@ -99,14 +112,8 @@ struct EvalArgs {
     /// Also save the images here, named by index and caption.
     #[arg(long)]
     images: Option<PathBuf>,
-    /// Linear prior schedule of N calls; default: the 29-call DEFAULT_STAGE_C_TIMESTEPS.
-    #[arg(long)]
-    prior_steps: Option<usize>,
-    /// Default 4, or the model folder's own.
-    #[arg(long)]
-    prior_guidance: Option<f64>,
-    #[arg(long, default_value_t = 12)]
-    decoder_steps: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 #[derive(Subcommand)]
@@ -149,14 +156,8 @@ struct GenerateArgs {
     /// Default: random, printed and stored in the PNG.
     #[arg(long)]
     seed: Option<u64>,
-    /// Linear prior schedule of N calls; default: the 29-call DEFAULT_STAGE_C_TIMESTEPS.
-    #[arg(long)]
-    prior_steps: Option<usize>,
-    /// Default 4, or the model folder's own.
-    #[arg(long)]
-    prior_guidance: Option<f64>,
-    #[arg(long, default_value_t = 12)]
-    decoder_steps: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     #[arg(long, default_value_t = 0.0)]
     decoder_guidance: f64,
     /// Prior pipeline folder (prior/, text_encoder/, tokenizer/, scheduler/).
@@ -236,9 +237,9 @@ fn eval(a: EvalArgs) -> Result<()> {
     )?;
     let d = pipeline.defaults();
     let recipe = wuerstchen::pipeline::GenerationParams {
-        prior_steps: a.prior_steps,
-        prior_guidance: a.prior_guidance.unwrap_or(d.prior_guidance),
-        decoder_steps: a.decoder_steps,
+        prior_steps: a.sampling.prior_steps,
+        prior_guidance: a.sampling.prior_guidance.unwrap_or(d.prior_guidance),
+        decoder_steps: a.sampling.decoder_steps,
         ..d
     };
     if let Some(dir) = &a.images {
