@@ -18,11 +18,10 @@ COUNT=${COUNT:-2000}
 COUNT_BIG=${COUNT_BIG:-20000}
 STEPS_A=${STEPS_A:-800}
 STEPS_B_JOINT=${STEPS_B_JOINT:-1600}   # a first decoder and the semantic compressor together
-STEPS_B=${STEPS_B:-3200}               # then the shipped decoder on the frozen compressor
+STEPS_B=${STEPS_B:-1400}               # then the shipped decoder on the frozen compressor
 STEPS_TE=${STEPS_TE:-500}
 STEPS_C1=${STEPS_C1:-4000}             # the prior on DATA ...
-STEPS_C=${STEPS_C:-10000}              # ... and on to STEPS_C on DATA_BIG
-PRIOR_GUIDANCE=${PRIOR_GUIDANCE:-8}    # declared in prior/model_index.json
+STEPS_C=${STEPS_C:-10200}              # ... and on to STEPS_C on DATA_BIG
 
 cargo build --release --quiet
 BIN=target/release/wuerstchen
@@ -55,7 +54,7 @@ time "$BIN" train stage-b --data "$DATA_BIG" --out "$DEC" --seed 0 "${log[@]}" \
     --config scripts/default_model/decoder.json --freeze-compressor \
     --steps "$STEPS_B" --batch-size 8 --lr 8e-4 --warmup-steps 100 > "$OUT/stage-b-frozen.log" 2>&1 &
 decoder=$!
-c=(--out "$OUT" "${log[@]}" --batch-size 16 --lr 5e-4 --warmup-steps 100 --default-prior-guidance "$PRIOR_GUIDANCE")
+c=(--out "$OUT" "${log[@]}" --batch-size 16 --lr 5e-4 --warmup-steps 100)
 time "$BIN" train stage-c --data "$DATA" --seed 0 "${c[@]}" --steps "$STEPS_C1"
 time "$BIN" train stage-c --data "$DATA_BIG" --seed 1 "${c[@]}" --steps "$STEPS_C"
 wait "$decoder"

@@ -3,9 +3,10 @@
 //! deterministic analyser; shape colour and background right in at least 90% of the
 //! images, the shape in at least 75%.
 //!
-//! The model shipped now meets the background bar only (see
-//! models/default/MODEL_CARD.md: half its shapes are missing, the rest are blobs). So the test
-//! CI runs holds the model to what it does (background >= 90%, which also proves the
+//! The model shipped now paints the background (48/48) and the shape's colour (41/48,
+//! 85%) but draws blobs, so its shape is right in 13/48 (see
+//! models/default/MODEL_CARD.md). The test CI runs holds the model to what it does
+//! (background >= 90%, shape colour >= 80%: a guard against regressions of the
 //! embedding, pipeline and analyser chain end to end), and the full bar is an ignored
 //! test that fails until a better model lands:
 //!     cargo test --release -p wuerstchen --test default_model -- --ignored --nocapture
@@ -42,17 +43,21 @@ fn evaluate_default_model(tag: &str) -> Evaluation {
 }
 
 #[test]
-fn the_default_model_paints_the_background_it_is_told() {
-    let eval = evaluate_default_model("background");
+fn the_default_model_paints_the_colours_it_is_told() {
+    let eval = evaluate_default_model("colours");
     assert_eq!(eval.background.total(), 48);
     assert!(
         eval.background.accuracy() >= 0.9,
         "background below 90%\n{eval}"
     );
+    assert!(
+        eval.color.accuracy() >= 0.8,
+        "shape colour below 80%\n{eval}"
+    );
 }
 
 #[test]
-#[ignore = "issue 4: the shipped default model does not meet the colour and shape bar yet"]
+#[ignore = "issue 4: the shipped default model does not meet the colour and shape bar yet (blobs)"]
 fn the_default_model_draws_what_it_is_told() {
     let eval = evaluate_default_model("full-bar");
     assert!(
