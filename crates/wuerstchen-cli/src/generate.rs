@@ -24,7 +24,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let (prior_dir, decoder_dir) = locate_models(args.prior, args.decoder)?;
     let pipeline = WuerstchenPipeline::open(&prior_dir, &decoder_dir, device, dtype)?;
-    let d = pipeline.defaults();
+    let d = args.sampling.over(pipeline.defaults());
     let mut params = GenerationParams {
         prompt,
         negative_prompt: args.negative_prompt,
@@ -32,10 +32,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         height: args.height.unwrap_or(d.height),
         num_images: args.num_images,
         seed: args.seed,
-        prior_steps: args.sampling.prior_steps,
-        prior_guidance: args.sampling.prior_guidance.unwrap_or(d.prior_guidance),
-        decoder_steps: args.sampling.decoder_steps,
         decoder_guidance: args.decoder_guidance,
+        ..d
     };
     let outputs = output_paths(&args.out, params.num_images);
 

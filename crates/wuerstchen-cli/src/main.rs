@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use wuerstchen::forward::{run_forward, Component};
+use wuerstchen::pipeline::GenerationParams;
 
 mod bench;
 mod generate;
@@ -95,6 +96,18 @@ struct SamplingArgs {
     prior_guidance: Option<f64>,
     #[arg(long, default_value_t = 12)]
     decoder_steps: usize,
+}
+
+impl SamplingArgs {
+    /// `d` (a model's defaults) with these flags applied.
+    fn over(&self, d: GenerationParams) -> GenerationParams {
+        GenerationParams {
+            prior_steps: self.prior_steps,
+            prior_guidance: self.prior_guidance.unwrap_or(d.prior_guidance),
+            decoder_steps: self.decoder_steps,
+            ..d
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -235,13 +248,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         Device::Cpu,
         candle_core::DType::F32,
     )?;
-    let d = pipeline.defaults();
-    let recipe = wuerstchen::pipeline::GenerationParams {
-        prior_steps: a.sampling.prior_steps,
-        prior_guidance: a.sampling.prior_guidance.unwrap_or(d.prior_guidance),
-        decoder_steps: a.sampling.decoder_steps,
-        ..d
-    };
+    let recipe = a.sampling.over(pipeline.defaults());
     if let Some(dir) = &a.images {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -16,7 +16,11 @@ use crate::clip::ClipTextModel;
 use crate::config::{ClipTextConfig, DiffNeXtConfig, PaellaVQConfig, PriorConfig};
 use crate::error::{Error, Result};
 use crate::flops;
-use crate::pipeline::{DEFAULT_PRIOR_CALLS, SIZE_MULTIPLE};
+use crate::noise::NoiseSource;
+use crate::pipeline::{
+    self, denoise, DecoderPipelineConfig, GenerationParams, PriorPipelineConfig, Stage,
+    SIZE_MULTIPLE,
+};
 use crate::scheduler::{default_stage_c_timesteps, DdpmWuerstchenScheduler};
 use crate::stage_a::PaellaVQModel;
 use crate::stage_b::WuerstchenDiffNeXt;
@@ -107,19 +111,19 @@ fn latent_sizes(spec: &BenchSpec) -> Result<((usize, usize), (usize, usize))> {
             )));
         }
     }
-    let prior = |v: usize| (v as f64 / 42.67).ceil() as usize;
-    let (ph, pw) = (prior(spec.height), prior(spec.width));
-    let decoder = |v: usize| (v as f64 * 10.67) as usize;
-    Ok(((ph, pw), (decoder(ph), decoder(pw))))
+    Ok(pipeline::latent_sizes(
+        spec.width,
+        spec.height,
+        PriorPipelineConfig::default().resolution_multiple,
+        DecoderPipelineConfig::default().latent_dim_scale,
+    ))
 }
 
 /// Weights drawn as they are asked for: uniform with the variance of
 /// N(0, 1 / fan_in), so activations keep their scale through 32 blocks (vanishing
 /// ones would turn into subnormals, which CPUs compute far slower); norms' scales 1,
 /// biases and running means 0, running variances 1.
-struct RandomWeights {
-    seed: u64,
-}
+struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
     fn get(
@@ -146,11 +150,9 @@ impl SimpleBackend for RandomWeights {
                 let bound = (3.0 / fan_in as f64).sqrt() as f32;
                 // xorshift seeded by the name: fast (a billion values) and
                 // reproducible per tensor
-                let mut x = self.seed
-                    ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-                    })
-                    | 1;
+                let mut x = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                }) | 1;
                 let data: Vec<f32> = (0..n)
                     .map(|_| {
                         x ^= x << 13;
@@ -177,7 +179,7 @@ impl SimpleBackend for RandomWeights {
 }
 
 fn random_vb(dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights { seed: 0 }), dtype, device.clone())
+    VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
 }
 
 /// Peak resident memory of this process since the last `reset_peak_rss`, in MiB
@@ -271,8 +273,8 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
     })
 }
 
-/// The default recipe with random weights: what `generate` does, minus reading
-/// files and the tokenizer.
+/// The default recipe with random weights: what `generate` does (its sampling loop),
+/// minus reading files and the tokenizer.
 fn pipeline(spec: &BenchSpec, device: &Device) -> Result<Tensor> {
     let ((ph, pw), (dh, dw)) = latent_sizes(spec)?;
     let dt = spec.dtype;
@@ -280,40 +282,55 @@ fn pipeline(spec: &BenchSpec, device: &Device) -> Result<Tensor> {
         let (_, call) = build(component, spec, device)?;
         Ok(call()?.to_dtype(dt)?)
     };
+    let d = GenerationParams::default();
+    let mut noise = NoiseSource::seeded(1);
+    type Model<'a> = &'a dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+    let mut sample =
+        |stage, sched: &DdpmWuerstchenScheduler, shape: &[usize], guidance, model: Model| {
+            denoise(
+                stage,
+                sched,
+                shape,
+                guidance,
+                dt,
+                device,
+                &mut noise,
+                &mut |_| {},
+                &|| false,
+                model,
+            )
+        };
+    // batch 2: the prompt's and the negative prompt's embeddings, as guidance needs
     let prior_text = text(Component::PriorTextEncoder)?;
     let prior = WuerstchenPrior::new(&PriorConfig::official(), random_vb(dt, device))?;
     let mut sched = DdpmWuerstchenScheduler::new(Default::default());
     sched.set_timesteps(default_stage_c_timesteps());
-    let mut latents = randn(&[1, 16, ph, pw], DType::F32, device)?;
-    let ts = sched.timesteps().to_vec();
-    debug_assert_eq!(ts.len() - 1, DEFAULT_PRIOR_CALLS);
-    for w in ts.windows(2) {
-        let x = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(dt)?;
-        let r = Tensor::full(w[0], 2, device)?.to_dtype(dt)?;
-        let eps = prior.forward(&x, &r, &prior_text)?.to_dtype(DType::F32)?;
-        let (cond, uncond) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
-        let eps = (&uncond + ((cond - &uncond)? * 4.0)?)?;
-        let z = latents.randn_like(0.0, 1.0)?;
-        latents = sched.step(&eps, w[0], &latents, &z)?;
-    }
+    let latents = sample(
+        Stage::Prior,
+        &sched,
+        &[1, 16, ph, pw],
+        d.prior_guidance,
+        &|x, r| prior.forward(x, r, &prior_text),
+    )?;
     drop(prior);
-    let effnet = latents.affine(42.0, -1.0)?.to_dtype(dt)?;
+    let pc = PriorPipelineConfig::default();
+    let effnet = latents
+        .affine(pc.latent_mean, -pc.latent_std)?
+        .to_dtype(dt)?;
     let clip = text(Component::DecoderTextEncoder)?;
     let decoder = WuerstchenDiffNeXt::new(&DiffNeXtConfig::official(), random_vb(dt, device))?;
-    sched.set_steps(12);
-    let mut latents = randn(&[1, 4, dh, dw], DType::F32, device)?;
-    let ts = sched.timesteps().to_vec();
-    for w in ts.windows(2) {
-        let r = Tensor::full(w[0], 1, device)?.to_dtype(dt)?;
-        let eps = decoder
-            .forward(&latents.to_dtype(dt)?, &r, &effnet, &clip)?
-            .to_dtype(DType::F32)?;
-        let z = latents.randn_like(0.0, 1.0)?;
-        latents = sched.step(&eps, w[0], &latents, &z)?;
-    }
+    sched.set_steps(d.decoder_steps);
+    let latents = sample(
+        Stage::Decoder,
+        &sched,
+        &[1, 4, dh, dw],
+        d.decoder_guidance,
+        &|x, r| decoder.forward(x, r, &effnet, &clip),
+    )?;
     drop(decoder);
-    let vqgan = PaellaVQModel::new(&PaellaVQConfig::official(), random_vb(dt, device))?;
-    Ok(vqgan.decode(&(latents * 0.3764)?.to_dtype(dt)?, false)?)
+    let cfg = PaellaVQConfig::official();
+    let vqgan = PaellaVQModel::new(&cfg, random_vb(dt, device))?;
+    Ok(vqgan.decode(&(latents * cfg.scale_factor)?.to_dtype(dt)?, false)?)
 }
 
 fn dtype_name(dt: DType) -> &'static str {

@@ -203,6 +203,21 @@ pub struct Sizes {
     pub image: (usize, usize),
 }
 
+/// The Stage C latent (ph, pw) and Stage B latent (dh, dw) of an image, as diffusers
+/// computes them: ceil(side / resolution_multiple), then times latent_dim_scale,
+/// truncated.
+pub fn latent_sizes(
+    width: usize,
+    height: usize,
+    resolution_multiple: f64,
+    latent_dim_scale: f64,
+) -> ((usize, usize), (usize, usize)) {
+    let prior = |v: usize| (v as f64 / resolution_multiple).ceil() as usize;
+    let (ph, pw) = (prior(height), prior(width));
+    let decoder = |v: usize| (v as f64 * latent_dim_scale) as usize;
+    ((ph, pw), (decoder(ph), decoder(pw)))
+}
+
 /// Which part of the run a progress report is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -356,11 +371,12 @@ impl WuerstchenPipeline {
     }
 
     pub fn sizes(&self, params: &GenerationParams) -> Result<Sizes> {
-        let m = self.prior_config.resolution_multiple;
-        let ph = (params.height as f64 / m).ceil() as usize;
-        let pw = (params.width as f64 / m).ceil() as usize;
-        let s = self.decoder_config.latent_dim_scale;
-        let (dh, dw) = ((ph as f64 * s) as usize, (pw as f64 * s) as usize);
+        let ((ph, pw), (dh, dw)) = latent_sizes(
+            params.width,
+            params.height,
+            self.prior_config.resolution_multiple,
+            self.decoder_config.latent_dim_scale,
+        );
         let multiple = self.decoder.patch_size << (self.decoder.c_hidden.len() - 1);
         if dh % multiple != 0 || dw % multiple != 0 || dh == 0 || dw == 0 {
             return Err(Error::InvalidParameter(format!(
@@ -442,11 +458,13 @@ impl WuerstchenPipeline {
             None => sched.set_timesteps(default_stage_c_timesteps()),
         }
         let shape = [b, self.prior_c_in, sizes.prior.0, sizes.prior.1];
-        let latents = self.denoise(
+        let latents = denoise(
             Stage::Prior,
             &sched,
             &shape,
             params.prior_guidance,
+            self.dtype,
+            &dev,
             noise,
             progress,
             cancel,
@@ -472,11 +490,13 @@ impl WuerstchenPipeline {
         let mut sched = self.scheduler(&self.decoder_dir)?;
         sched.set_steps(params.decoder_steps);
         let shape = [b, self.decoder.c_in, sizes.decoder.0, sizes.decoder.1];
-        let latents = self.denoise(
+        let latents = denoise(
             Stage::Decoder,
             &sched,
             &shape,
             params.decoder_guidance,
+            self.dtype,
+            &dev,
             noise,
             progress,
             cancel,
@@ -491,44 +511,6 @@ impl WuerstchenPipeline {
         tensor_to_images(&images.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
     }
 
-    /// One stage's sampling loop: initial noise, then per timestep a (guided) model
-    /// call, a scheduler step with the next draw, a progress report.
-    #[allow(clippy::too_many_arguments)]
-    fn denoise(
-        &self,
-        stage: Stage,
-        sched: &DdpmWuerstchenScheduler,
-        shape: &[usize],
-        guidance: f64,
-        noise: &mut NoiseSource,
-        progress: &mut dyn FnMut(Progress),
-        cancel: &dyn Fn() -> bool,
-        model: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
-    ) -> Result<Tensor> {
-        let (init, step): (Draw, fn(usize) -> Draw) = match stage {
-            Stage::Prior => (Draw::PriorInit, Draw::PriorStep),
-            Stage::Decoder => (Draw::DecoderInit, Draw::DecoderStep),
-        };
-        let cfg = uses_guidance(guidance);
-        let mut latents = noise.draw(init, shape, &self.device)?;
-        let timesteps = sched.timesteps();
-        let calls = timesteps.len().saturating_sub(1);
-        for (i, &t) in timesteps[..calls].iter().enumerate() {
-            if cancel() {
-                return Err(Error::Canceled);
-            }
-            let eps = guided(cfg, guidance, &latents, t, self.dtype, &model)?;
-            let z = noise.draw(step(i), shape, &self.device)?;
-            latents = sched.step(&eps, t, &latents, &z)?;
-            progress(Progress {
-                stage,
-                step: i + 1,
-                total: calls,
-            });
-        }
-        Ok(latents)
-    }
-
     fn scheduler(&self, root: &Path) -> Result<DdpmWuerstchenScheduler> {
         let cfg: SchedulerConfig = optional_json(&root.join("scheduler/scheduler_config.json"))?;
         Ok(DdpmWuerstchenScheduler::new(cfg))
@@ -537,6 +519,45 @@ impl WuerstchenPipeline {
 
 /// diffusers' `do_classifier_free_guidance`: guidance only above 1 (the negative
 /// prompt is then not even encoded).
+/// One stage's sampling loop: initial noise, then per timestep a (guided) model
+/// call, a scheduler step with the next draw, a progress report.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn denoise(
+    stage: Stage,
+    sched: &DdpmWuerstchenScheduler,
+    shape: &[usize],
+    guidance: f64,
+    dtype: DType,
+    device: &Device,
+    noise: &mut NoiseSource,
+    progress: &mut dyn FnMut(Progress),
+    cancel: &dyn Fn() -> bool,
+    model: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
+    let (init, step): (Draw, fn(usize) -> Draw) = match stage {
+        Stage::Prior => (Draw::PriorInit, Draw::PriorStep),
+        Stage::Decoder => (Draw::DecoderInit, Draw::DecoderStep),
+    };
+    let cfg = uses_guidance(guidance);
+    let mut latents = noise.draw(init, shape, device)?;
+    let timesteps = sched.timesteps();
+    let calls = timesteps.len().saturating_sub(1);
+    for (i, &t) in timesteps[..calls].iter().enumerate() {
+        if cancel() {
+            return Err(Error::Canceled);
+        }
+        let eps = guided(cfg, guidance, &latents, t, dtype, &model)?;
+        let z = noise.draw(step(i), shape, device)?;
+        latents = sched.step(&eps, t, &latents, &z)?;
+        progress(Progress {
+            stage,
+            step: i + 1,
+            total: calls,
+        });
+    }
+    Ok(latents)
+}
+
 fn uses_guidance(scale: f64) -> bool {
     scale > 1.0
 }

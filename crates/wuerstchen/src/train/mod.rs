@@ -120,6 +120,13 @@ fn reseed_init(vars: &[(String, Var)], seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Uniform draws in [0, 1) as f32, one per sample.
+pub(crate) fn uniform(rng: &mut SeededRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+        .collect()
+}
+
 fn checkpoint_path(out: &Path, stage: &str) -> PathBuf {
     out.join("checkpoints").join(format!("{stage}.safetensors"))
 }

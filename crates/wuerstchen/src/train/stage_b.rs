@@ -11,11 +11,12 @@ use candle_nn::{VarBuilder, VarMap};
 use super::data::ImageFolder;
 use super::text_encoder::{load_compressor, TextCondition};
 use super::{
-    fold_batch_stats, init_batch_norm, require_stage, write_component, write_config, StageTrainer,
+    fold_batch_stats, init_batch_norm, require_stage, uniform, write_component, write_config,
+    StageTrainer,
 };
 use crate::compressor::{CompressorConfig, SemanticCompressor};
 use crate::config::{DiffNeXtConfig, PaellaVQConfig, SchedulerConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::noise::SeededRng;
 use crate::scheduler::DdpmWuerstchenScheduler;
 use crate::stage_a::PaellaVQModel;
@@ -59,18 +60,12 @@ impl StageBTrainer {
         device: &Device,
         freeze_compressor: bool,
     ) -> Result<Self> {
-        let text = if config.level_config.iter().any(|l| l.contains('A')) {
-            let text = TextCondition::load(out, "decoder", device)?;
-            if text.hidden_size != config.clip_embd {
-                return Err(Error::InvalidParameter(format!(
-                    "decoder clip_embd {} differs from the text encoder's hidden_size {}",
-                    config.clip_embd, text.hidden_size
-                )));
-            }
-            Some(text)
-        } else {
-            None
-        };
+        let text = config
+            .level_config
+            .iter()
+            .any(|l| l.contains('A'))
+            .then(|| TextCondition::load(out, "decoder", ("clip_embd", config.clip_embd), device))
+            .transpose()?;
         let vq_dir = out.join("decoder/vqgan");
         require_stage(&vq_dir, "Stage A", "stage-a")?;
         let (vqgan, vqgan_config) = PaellaVQModel::load(&vq_dir, DType::F32, device)?;
@@ -123,13 +118,6 @@ impl StageBTrainer {
             text,
         })
     }
-}
-
-/// Uniform draws in [0, 1) as f32, one per sample.
-pub(crate) fn uniform(rng: &mut SeededRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
-        .collect()
 }
 
 impl StageTrainer for StageBTrainer {

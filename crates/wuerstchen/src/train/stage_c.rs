@@ -9,9 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 
-use super::stage_b::uniform;
 use super::text_encoder::{load_compressor, TextCondition};
-use super::{write_component, StageTrainer};
+use super::{uniform, write_component, StageTrainer};
 use crate::compressor::SemanticCompressor;
 use crate::config::{PriorConfig, SchedulerConfig};
 use crate::error::{Error, Result};
@@ -43,13 +42,7 @@ impl StageCTrainer {
         device: &Device,
     ) -> Result<Self> {
         let (compressor, _) = load_compressor(out, device)?;
-        let text = TextCondition::load(out, "prior", device)?;
-        if text.hidden_size != config.c_cond {
-            return Err(Error::InvalidParameter(format!(
-                "prior c_cond {} differs from the text encoder's hidden_size {}",
-                config.c_cond, text.hidden_size
-            )));
-        }
+        let text = TextCondition::load(out, "prior", ("c_cond", config.c_cond), device)?;
         let probe = Tensor::zeros((1, 3, image_size, image_size), DType::F32, device)?;
         let feature_side = compressor.forward(&probe)?.dim(2)?;
         let varmap = VarMap::new();

@@ -205,28 +205,30 @@ pub const CAPTION_DROPOUT: f64 = 0.05;
 pub struct TextCondition {
     encoder: ClipTextModel,
     tokenizer: ClipTokenizer,
-    pub hidden_size: usize,
 }
 
 impl TextCondition {
     /// `pipeline` is "prior" or "decoder": the folder under `out` whose
-    /// `text_encoder/` and `tokenizer/` the text-encoder stage wrote.
-    pub fn load(out: &Path, pipeline: &str, device: &Device) -> Result<Self> {
+    /// `text_encoder/` and `tokenizer/` the text-encoder stage wrote. `width` names
+    /// the model's input for text and its size, which must be the encoder's.
+    pub fn load(out: &Path, pipeline: &str, width: (&str, usize), device: &Device) -> Result<Self> {
         let te_dir = out.join(pipeline).join("text_encoder");
         require_stage(&te_dir, "text encoder", "text-encoder")?;
         let (encoder, cfg) = ClipTextModel::load(&te_dir, DType::F32, device)?;
+        if cfg.hidden_size != width.1 {
+            return Err(Error::InvalidParameter(format!(
+                "{pipeline} {} {} differs from the text encoder's hidden_size {}",
+                width.0, width.1, cfg.hidden_size
+            )));
+        }
         let tokenizer = ClipTokenizer::from_dir(&out.join(pipeline).join("tokenizer"))?;
-        Ok(Self {
-            encoder,
-            tokenizer,
-            hidden_size: cfg.hidden_size,
-        })
+        Ok(Self { encoder, tokenizer })
     }
 
     /// Hidden states (B, 77, hidden) of the captions, each replaced by "" with
     /// probability CAPTION_DROPOUT (one draw per caption, made first).
     pub fn embed(&self, captions: &[String], rng: &mut SeededRng, dev: &Device) -> Result<Tensor> {
-        let drop = super::stage_b::uniform(rng, captions.len());
+        let drop = super::uniform(rng, captions.len());
         let caps: Vec<&str> = captions
             .iter()
             .zip(&drop)
