@@ -32,7 +32,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         height: args.height.unwrap_or(d.height),
         num_images: args.num_images,
         seed: args.seed,
-        decoder_guidance: args.decoder_guidance,
         ..d
     };
     let outputs = output_paths(&args.out, params.num_images);

@@ -96,6 +96,10 @@ struct SamplingArgs {
     prior_guidance: Option<f64>,
     #[arg(long, default_value_t = 12)]
     decoder_steps: usize,
+    /// Classifier-free guidance of the decoder (diffusers' default 0: off); for a
+    /// decoder that reads the caption.
+    #[arg(long, default_value_t = 0.0)]
+    decoder_guidance: f64,
 }
 
 impl SamplingArgs {
@@ -105,6 +109,7 @@ impl SamplingArgs {
             prior_steps: self.prior_steps,
             prior_guidance: self.prior_guidance.unwrap_or(d.prior_guidance),
             decoder_steps: self.decoder_steps,
+            decoder_guidance: self.decoder_guidance,
             ..d
         }
     }
@@ -171,8 +176,6 @@ struct GenerateArgs {
     seed: Option<u64>,
     #[command(flatten)]
     sampling: SamplingArgs,
-    #[arg(long, default_value_t = 0.0)]
-    decoder_guidance: f64,
     /// Prior pipeline folder (prior/, text_encoder/, tokenizer/, scheduler/).
     #[arg(long)]
     prior: Option<PathBuf>,
@@ -282,6 +285,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     pin_thread_count();
+    wuerstchen::memory::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Forward {

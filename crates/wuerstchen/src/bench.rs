@@ -197,6 +197,7 @@ pub fn peak_rss_mib() -> f64 {
 
 /// Starts a new peak-memory window (writing 5 to clear_refs resets VmHWM).
 pub fn reset_peak_rss() {
+    crate::memory::release_free_memory();
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 

@@ -9,6 +9,8 @@ use candle_nn::VarBuilder;
 
 use crate::depthwise::DepthwiseConv2d;
 use crate::flops::{self, Conv2d, Linear};
+use crate::kernels;
+use crate::kernels::gelu::gelu;
 
 /// `x` in the precision statistics are computed in: f32 for half types, f64 stays.
 pub fn upcast(x: &Tensor) -> Result<Tensor> {
@@ -36,7 +38,7 @@ pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> R
 /// channels of an NCHW tensor.
 pub fn channel_layer_norm(x: &Tensor) -> Result<Tensor> {
     // (B, C, H, W) -> (B, H, W, C) -> norm -> (B, C, H, W)
-    layer_norm(&x.permute((0, 2, 3, 1))?, None, 1e-6)?.permute((0, 3, 1, 2))
+    kernels::layer_norm::layer_norm(&x.permute((0, 2, 3, 1))?, 1e-6)?.permute((0, 3, 1, 2))
 }
 
 /// (B, C, H, W) -> (B, H*W, C), contiguous.
@@ -180,7 +182,7 @@ impl ChannelMlp {
 
     /// tokens (B, N, C_in) -> (B, N, C_out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.fc1.forward(x)?.gelu_erf()?;
+        let x = gelu(&self.fc1.forward(x)?)?;
         self.fc2.forward(&self.grn.forward(&x)?)
     }
 }
@@ -207,7 +209,9 @@ impl ResBlock {
             None => x.clone(),
         };
         let t = to_tokens(&self.depthwise.forward(&joined)?)?;
-        let t = self.channelwise.forward(&layer_norm(&t, None, 1e-6)?)?;
+        let t = self
+            .channelwise
+            .forward(&kernels::layer_norm::layer_norm(&t, 1e-6)?)?;
         from_tokens(&t, h, w)? + x
     }
 }
@@ -252,11 +256,8 @@ impl Attention {
         let d = q.dim(3)?;
         let scale = 1.0 / (d as f64).sqrt();
         flops::add_attention(&q, &k)?;
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let probs = softmax_last_dim(&upcast(&scores)?)?.to_dtype(q.dtype())?;
         // (B, heads, N, d) -> (B, N, heads*d)
-        let out = probs
-            .matmul(&v)?
+        let out = crate::kernels::attention::attention(&q, &k, &v, scale)?
             .transpose(1, 2)?
             .reshape((b, n, self.heads * d))?;
         self.to_out.forward(&out)

@@ -10,6 +10,7 @@ use candle_nn::{Embedding, VarBuilder};
 use crate::blocks::{layer_norm, softmax_last_dim, upcast};
 use crate::config::ClipTextConfig;
 use crate::flops::{self, Linear};
+use crate::kernels::gelu::gelu;
 
 #[derive(Debug, Clone)]
 struct LayerNorm {
@@ -89,7 +90,7 @@ impl EncoderLayer {
         let h = if self.quick_gelu {
             (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?
         } else {
-            h.gelu_erf()?
+            gelu(&h)?
         };
         x + self.fc2.forward(&h)?
     }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::blocks::{conv2d, BatchNorm};
 use crate::config::Validate;
 use crate::flops::Conv2d;
+use crate::kernels::gelu::gelu;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -96,7 +97,7 @@ impl SemanticCompressor {
         for (i, conv) in self.convs.iter().enumerate() {
             h = conv.forward(&h)?;
             if i + 1 < self.convs.len() {
-                h = h.gelu_erf()?;
+                h = gelu(&h)?;
             }
         }
         self.mapper.forward(&h)

@@ -17,6 +17,8 @@ pub mod flops;
 pub mod forward;
 pub mod hub;
 pub mod image_io;
+pub mod kernels;
+pub mod memory;
 pub mod noise;
 pub mod parity;
 pub mod pipeline;

@@ -471,6 +471,7 @@ impl WuerstchenPipeline {
             |x, r| prior.forward(x, r, &text),
         )?;
         drop(prior);
+        crate::memory::release_free_memory();
         let pc = &self.prior_config;
         let image_embeddings = latents.affine(pc.latent_mean, -pc.latent_std)?;
 
@@ -503,6 +504,7 @@ impl WuerstchenPipeline {
             |x, r| decoder.forward(x, r, &effnet, &clip),
         )?;
         drop(decoder);
+        crate::memory::release_free_memory();
 
         // ---- Stage A: latents -> pixels
         let (vqgan, _) = PaellaVQModel::load(&self.decoder_dir.join("vqgan"), self.dtype, &dev)?;

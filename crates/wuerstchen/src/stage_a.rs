@@ -3,10 +3,12 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
-use crate::blocks::{conv1x1, conv2d, from_tokens, layer_norm, to_tokens, BatchNorm};
+use crate::blocks::{conv1x1, conv2d, from_tokens, to_tokens, BatchNorm};
 use crate::config::PaellaVQConfig;
 use crate::depthwise::DepthwiseConv2d;
 use crate::flops::{self, Conv2d, ConvTranspose2d, Linear};
+use crate::kernels;
+use crate::kernels::gelu::gelu;
 
 /// `MixingResidualBlock`: depthwise conv (replication padded) and channel MLP, each
 /// behind a layer norm whose scale and shift, and the branch gain, are six learned
@@ -23,7 +25,7 @@ impl MixingResidualBlock {
     pub fn new(c: usize, embed_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             // depthwise = Sequential(ReplicationPad2d(1), Conv2d(groups=c))
-            depthwise: DepthwiseConv2d::new(c, c, 3, 0, vb.pp("depthwise").pp("1"))?,
+            depthwise: DepthwiseConv2d::replicate_padded(c, 3, 1, vb.pp("depthwise").pp("1"))?,
             // channelwise = Sequential(Linear, GELU, Linear)
             fc1: flops::linear(c, embed_dim, vb.pp("channelwise").pp("0"))?,
             fc2: flops::linear(embed_dim, c, vb.pp("channelwise").pp("2"))?,
@@ -39,17 +41,16 @@ impl MixingResidualBlock {
         let (_, _, h, w) = x.dims4()?;
         let tokens = to_tokens(x)?;
         let modulate = |t: &Tensor, scale: usize, shift: usize| -> Result<Tensor> {
-            layer_norm(t, None, 1e-6)?
+            kernels::layer_norm::layer_norm(t, 1e-6)?
                 .broadcast_mul(&(self.gamma(scale)? + 1.0)?)?
                 .broadcast_add(&self.gamma(shift)?)
         };
         // x + depthwise(pad(norm1(x) * (1 + g0) + g1)) * g2
         let t = from_tokens(&modulate(&tokens, 0, 1)?, h, w)?;
-        let t = t.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?;
         let x = (x + self.depthwise.forward(&t)?.broadcast_mul(&self.gamma(2)?)?)?;
         // x + channelwise(norm2(x) * (1 + g3) + g4) * g5
         let t = modulate(&to_tokens(&x)?, 3, 4)?;
-        let t = self.fc2.forward(&self.fc1.forward(&t)?.gelu_erf()?)?;
+        let t = self.fc2.forward(&gelu(&self.fc1.forward(&t)?)?)?;
         x + from_tokens(&t, h, w)?.broadcast_mul(&self.gamma(5)?)?
     }
 }

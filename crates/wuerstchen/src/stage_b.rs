@@ -8,12 +8,13 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
 use crate::blocks::{
-    channel_layer_norm, conv1x1, conv2d, depthwise, from_tokens, layer_norm, r_embedding,
-    to_tokens, AttnBlock, ChannelMlp, TimestepBlock,
+    channel_layer_norm, conv1x1, conv2d, depthwise, from_tokens, r_embedding, to_tokens, AttnBlock,
+    ChannelMlp, TimestepBlock,
 };
 use crate::config::DiffNeXtConfig;
 use crate::depthwise::DepthwiseConv2d;
 use crate::flops::{self, Conv2d, ConvTranspose2d, Linear};
+use crate::kernels;
 use crate::resize::resize_bicubic_aa;
 
 /// `ResBlockStageB`: unlike Stage C's ResBlock the skip joins after the depthwise conv,
@@ -34,7 +35,7 @@ impl ResBlockStageB {
 
     pub fn forward(&self, x: &Tensor, x_skip: Option<&Tensor>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let t = layer_norm(&to_tokens(&self.depthwise.forward(x)?)?, None, 1e-6)?;
+        let t = kernels::layer_norm::layer_norm(&to_tokens(&self.depthwise.forward(x)?)?, 1e-6)?;
         let t = match x_skip {
             Some(s) => Tensor::cat(&[&t, &to_tokens(s)?], 2)?,
             None => t,
@@ -224,7 +225,7 @@ impl WuerstchenDiffNeXt {
     ) -> Result<Tensor> {
         let r_embed = r_embedding(r, self.c_r)?.to_dtype(x.dtype())?;
         // gen_c_embeddings: clip_mapper then a LayerNorm without affine
-        let clip = layer_norm(&self.clip_mapper.forward(clip)?, None, 1e-6)?;
+        let clip = kernels::layer_norm::layer_norm(&self.clip_mapper.forward(clip)?, 1e-6)?;
 
         let x_in = x;
         let h = candle_nn::ops::pixel_unshuffle(x, self.patch_size)?;

@@ -1,0 +1,256 @@
+//! Scaled dot-product attention that never holds the whole score matrix.
+//!
+//! The plain form materialises softmax(q k^T) for every head at once: at 1024 px
+//! Stage B's 64 x 64 level has 4096 queries over 4096 + 77 keys in 20 heads, 1.3 GB of
+//! scores (plus as much again for the softmax), written, read and freed on every call,
+//! and candle's softmax runs libm's scalar `expf`. Here each task takes one head and a
+//! block of queries: scores for that block (one gemm), a softmax in place with a
+//! vectorised exp, and the product with v (a second gemm) — a few MB per task, in
+//! cache, spread over rayon's threads. The normaliser is applied to the output rows
+//! instead of the scores. Backward (training) recomputes the plain form.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{contiguous_f32, max, plain_gradients, simd_dispatch, sum_by, unsupported};
+use crate::blocks::{softmax_last_dim, upcast};
+
+/// Queries per task: the score block (QUERIES x keys) stays in L2 for a few thousand
+/// keys, and 4096 queries still make 32 tasks per head.
+const QUERIES: usize = 128;
+
+/// softmax(q k^T * scale) v for q (B, H, N, d), k and v (B, H, L, d).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let fast = [q, k, v]
+        .iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32);
+    if fast {
+        q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, Sdpa { scale })
+    } else {
+        plain(q, k, v, scale)
+    }
+}
+
+/// The reference form, from candle's differentiable ops (softmax statistics in f32).
+pub fn plain(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let probs = softmax_last_dim(&upcast(&scores)?)?.to_dtype(q.dtype())?;
+    probs.matmul(v)
+}
+
+struct Sdpa {
+    scale: f64,
+}
+
+impl CustomOp3 for Sdpa {
+    fn name(&self) -> &'static str {
+        "attention-blocked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let err = || unsupported(self.name());
+        let (q, k, v) = (
+            contiguous_f32(s1, l1).ok_or_else(err)?,
+            contiguous_f32(s2, l2).ok_or_else(err)?,
+            contiguous_f32(s3, l3).ok_or_else(err)?,
+        );
+        let (b, h, n, d) = l1.shape().dims4()?;
+        let (bk, hk, l, dk) = l2.shape().dims4()?;
+        if (bk, hk, dk) != (b, h, d) || l3.shape().dims() != l2.shape().dims() {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let mut out = vec![0f32; b * h * n * d];
+        let blocks = n.div_ceil(QUERIES);
+        let scale = self.scale as f32;
+        // one task per (head, block of queries); its output rows are its own
+        let tasks: Vec<(usize, &mut [f32])> = out
+            .chunks_mut(n * d)
+            .enumerate()
+            .flat_map(|(bh, head)| {
+                head.chunks_mut(QUERIES * d)
+                    .enumerate()
+                    .map(move |(i, rows)| (bh * blocks + i, rows))
+            })
+            .collect();
+        tasks.into_par_iter().for_each(|(task, rows)| {
+            let (bh, block) = (task / blocks, task % blocks);
+            let m = rows.len() / d;
+            let q = &q[bh * n * d + block * QUERIES * d..][..m * d];
+            let (k, v) = (&k[bh * l * d..][..l * d], &v[bh * l * d..][..l * d]);
+            let mut scores = vec![0f32; m * l];
+            // SAFETY (both gemms): every pointer spans the rows x columns its strides
+            // describe: scores (m, l), q (m, d), k read as k^T (d, l), v (l, d), rows (m, d).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    l,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    l as isize,
+                    false,
+                    q.as_ptr(),
+                    1,
+                    d as isize,
+                    k.as_ptr(),
+                    d as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            let mut norms = vec![0f32; m];
+            for (row, norm) in scores.chunks_mut(l).zip(&mut norms) {
+                *norm = 1.0 / exp_normalised(row);
+            }
+            unsafe {
+                gemm::gemm(
+                    m,
+                    d,
+                    l,
+                    rows.as_mut_ptr(),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    l as isize,
+                    v.as_ptr(),
+                    1,
+                    d as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            for (row, norm) in rows.chunks_mut(d).zip(&norms) {
+                row.iter_mut().for_each(|x| *x *= norm);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))))
+    }
+
+    /// The plain form's gradients: recompute it on fresh variables and back-propagate
+    /// the incoming gradient through it.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let scale = self.scale;
+        let [gq, gk, gv] = plain_gradients([q, k, v], grad, |[q, k, v]| plain(q, k, v, scale))?;
+        Ok((gq, gk, gv))
+    }
+}
+
+/// exp(x - max) in place over a row of scores; returns the sum.
+fn exp_normalised(row: &mut [f32]) -> f32 {
+    let max = max(row);
+    exp_shifted(row, max);
+    sum_by(row, |x| x)
+}
+
+simd_dispatch! {
+    fn exp_shifted(row: &mut [f32], max: f32) {
+        for x in row.iter_mut() {
+            *x = exp(*x - max);
+        }
+    }
+}
+
+/// e^x for x <= 0 (a softmax's shifted scores), vectorisable: x = n ln2 + r with
+/// |r| <= ln2 / 2, e^r by its Taylor series to r^6 (relative error < 3e-8, below
+/// f32's), and 2^n put straight into the exponent bits. Below -87 (where e^x is
+/// subnormal) it returns e^-87 ~ 1.6e-38, nothing next to the row's largest term, 1.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // adding and subtracting 1.5 * 2^23 rounds to the nearest integer
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p * r + c;
+    }
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::{max_diff, random};
+    use candle_core::Var;
+
+    #[test]
+    fn exp_is_accurate_over_a_softmax_range() {
+        for i in 0..=100_000 {
+            let x = -(i as f32) * 0.00087;
+            let (a, b) = (exp(x), (x as f64).exp());
+            assert!(((a as f64 - b) / b).abs() < 4e-7, "exp({x}): {a} vs {b}");
+        }
+        assert!(exp(-200.0) < 2e-38 && exp(-200.0) > 0.0);
+    }
+
+    #[test]
+    fn equals_the_plain_form() -> Result<()> {
+        // several query blocks with a ragged last one, and a key count like Stage B's
+        // (image tokens + 77 text tokens)
+        for (n, l) in [(300, 377), (5, 3), (128, 128)] {
+            let q = random(&[2, 3, n, 16], 1)?;
+            let k = (random(&[2, 3, l, 16], 2)? * 4.0)?;
+            let v = random(&[2, 3, l, 16], 3)?;
+            let ours = attention(&q, &k, &v, 0.25)?;
+            let want = plain(&q, &k, &v, 0.25)?;
+            assert_eq!(ours.dims(), want.dims());
+            let d = max_diff(&ours, &want)?;
+            assert!(d < 2e-6, "n {n}, l {l}: max difference {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_equal_the_plain_form() -> Result<()> {
+        let vars: Vec<Var> = (0..3)
+            .map(|i| Var::from_tensor(&random(&[1, 2, 7, 8], 10 + i)?))
+            .collect::<Result<_>>()?;
+        let probe = random(&[1, 2, 7, 8], 20)?;
+        let [q, k, v] = [&vars[0], &vars[1], &vars[2]].map(|v| v.as_tensor());
+        let ours = (attention(q, k, v, 0.35)? * &probe)?
+            .sum_all()?
+            .backward()?;
+        let want = (plain(q, k, v, 0.35)? * &probe)?.sum_all()?.backward()?;
+        for var in &vars {
+            let d = max_diff(ours.get(var).unwrap(), want.get(var).unwrap())?;
+            assert!(d < 1e-5, "gradient max difference {d}");
+        }
+        Ok(())
+    }
+}

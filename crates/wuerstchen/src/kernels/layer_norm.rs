@@ -1,0 +1,111 @@
+//! Layer norm over the last dimension without affine parameters, as every ResBlock
+//! (`WuerstchenLayerNorm`), Stage A's mixing blocks and the decoder's text mapper use it.
+//!
+//! Written from candle's element-wise ops it is six passes over the tensor, each
+//! allocating a new one (mean, centre, square, mean, sqrt, divide); here it is one
+//! read and one write per row, the row in cache between them.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous_f32, plain_gradients, simd_dispatch, sum_by, unsupported};
+
+/// `F.layer_norm(x, x.shape[-1:], eps=eps)`: statistics in f32 whatever the input.
+pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(LayerNorm { eps })
+    } else {
+        plain(x, eps)
+    }
+}
+
+/// The reference form from candle's differentiable ops.
+pub fn plain(x: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::blocks::layer_norm(x, None, eps)
+}
+
+struct LayerNorm {
+    eps: f64,
+}
+
+simd_dispatch! {
+    fn normalise_rows(src: &[f32], dst: &mut [f32], width: usize, eps: f32) {
+        for (s, d) in src.chunks(width).zip(dst.chunks_mut(width)) {
+            // two passes over the row (mean, then the centred squares), as torch does:
+            // one-pass E[x^2] - E[x]^2 loses digits when the mean is large
+            let mean = sum_by(s, |x| x) / width as f32;
+            for (o, x) in d.iter_mut().zip(s) {
+                *o = x - mean;
+            }
+            let var = sum_by(d, |x| x * x) / width as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for o in d.iter_mut() {
+                *o *= rstd;
+            }
+        }
+    }
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm-fused"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = contiguous_f32(storage, layout).ok_or_else(|| unsupported(self.name()))?;
+        let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut dst = vec![0f32; src.len()];
+        // whole rows per task, about CHUNK elements each
+        let rows = (super::CHUNK / width).max(1) * width;
+        dst.par_chunks_mut(rows)
+            .zip(src.par_chunks(rows))
+            .for_each(|(d, s)| normalise_rows(s, d, width, self.eps as f32));
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let eps = self.eps;
+        let [g] = plain_gradients([arg], grad, |[x]| plain(x, eps))?;
+        Ok(g)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::{max_diff, random};
+    use candle_core::Var;
+
+    #[test]
+    fn equals_the_plain_form() -> Result<()> {
+        // a row width like Stage C's (1536), an odd one, and rows far from zero mean
+        for (shape, shift) in [
+            (vec![2, 9, 1536], 0.0),
+            (vec![37, 5], 0.0),
+            (vec![4, 64], 1e3),
+        ] {
+            let x = (random(&shape, 1)? * 3.0)?.affine(1.0, shift)?;
+            let exact = plain(&x.to_dtype(DType::F64)?, 1e-6)?.to_dtype(DType::F32)?;
+            let ours = max_diff(&layer_norm(&x, 1e-6)?, &exact)?;
+            let candle = max_diff(&plain(&x, 1e-6)?, &exact)?;
+            // no worse than the plain f32 form (which rounds the mean of values near
+            // 1e3 to ~1e-4)
+            assert!(
+                ours <= candle.max(2e-6),
+                "{shape:?}: {ours} vs candle's {candle}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradient_equals_the_plain_form() -> Result<()> {
+        let x = Var::from_tensor(&random(&[3, 4, 16], 2)?)?;
+        let probe = random(&[3, 4, 16], 3)?;
+        let ours = (layer_norm(&x, 1e-6)? * &probe)?.sum_all()?.backward()?;
+        let want = (plain(&x, 1e-6)? * &probe)?.sum_all()?.backward()?;
+        let d = max_diff(ours.get(&x).unwrap(), want.get(&x).unwrap())?;
+        assert!(d < 1e-5, "gradient max difference {d}");
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! CPU fast paths for the ops where candle 0.11 is slow (measured in
+//! docs/performance.md), as candle custom ops.
+//!
+//! Each kernel has the same contract: a function that takes and returns tensors, runs
+//! the fast path for contiguous f32 on the CPU and otherwise falls back to the plain
+//! candle ops it replaces (other dtypes, CUDA), keeps the backward pass where the
+//! plain op had one, and has a parity test against that plain op. The hot loops are
+//! compiled several times for the instruction sets a CPU may have and picked at run
+//! time ([`simd_dispatch`]), so the shipped binary needs no `target-cpu=native`.
+
+pub mod attention;
+pub mod conv_transpose;
+pub mod depthwise;
+pub mod gelu;
+pub mod layer_norm;
+
+use candle_core::{CpuStorage, Layout, Result, Tensor, Var};
+
+/// Compiles `$body` (a closure-like block over its arguments) once per instruction
+/// set and runs the best one the CPU supports: AVX-512, AVX2 + FMA, or the baseline.
+/// The body is generic Rust that the compiler vectorises for each target.
+macro_rules! simd_dispatch {
+    (fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
+/// The f32 elements of a contiguous CPU tensor, or None (the caller falls back).
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Some(&data[start..end]),
+        _ => None,
+    }
+}
+
+/// Sum of `f` over `xs`, accumulated in f64 in 16 running partial sums: the compiler
+/// keeps them in vector registers (a plain `iter().sum()` is a serial chain it may not
+/// reorder), and f64 keeps the mean of values far from zero exact to f32 precision.
+#[inline(always)]
+fn sum_by(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f64; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail: f64 = chunks.remainder().iter().map(|&x| f(x) as f64).sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x) as f64;
+        }
+    }
+    (acc.iter().sum::<f64>() + tail) as f32
+}
+
+/// Largest element, vectorised as [`sum`] is (NaN-free input assumed).
+#[inline(always)]
+fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
+}
+
+/// Elements per task when a kernel splits work over rayon's threads: large enough
+/// that scheduling costs nothing, small enough that both cores get work on the
+/// smallest activations (a few hundred thousand elements).
+const CHUNK: usize = 1 << 14;
+
+/// Gradients of `f` at `inputs` against the incoming gradient `grad`, by running the
+/// plain (differentiable) form of a kernel on fresh variables: the backward pass of the
+/// kernels whose candle counterpart has one.
+fn plain_gradients<const N: usize>(
+    inputs: [&Tensor; N],
+    grad: &Tensor,
+    f: impl FnOnce([&Tensor; N]) -> Result<Tensor>,
+) -> Result<[Option<Tensor>; N]> {
+    let vars = inputs.map(|t| Var::from_tensor(&t.detach()));
+    let vars = vars.into_iter().collect::<Result<Vec<Var>>>()?;
+    let args: [&Tensor; N] = std::array::from_fn(|i| vars[i].as_tensor());
+    let grads = (f(args)? * grad.detach())?.sum_all()?.backward()?;
+    Ok(std::array::from_fn(|i| grads.get(&vars[i]).cloned()))
+}
+
+fn unsupported(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: the fast kernel takes contiguous f32 only (the caller should have fallen back)"
+    ))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use candle_core::{Device, Result, Tensor};
+
+    /// Varied values in [-0.5, 0.5) from a fixed LCG (no RNG dependency needed).
+    pub fn random(shape: &[usize], seed: u64) -> Result<Tensor> {
+        const A: u64 = 6364136223846793005;
+        const C: u64 = 1442695040888963407;
+        let mut state = seed.wrapping_mul(A).wrapping_add(C);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(A).wrapping_add(C);
+                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+}
