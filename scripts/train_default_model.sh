@@ -21,7 +21,7 @@ STEPS_B_JOINT=${STEPS_B_JOINT:-1600}   # a first decoder and the semantic compre
 STEPS_B=${STEPS_B:-1400}               # then the shipped decoder on the frozen compressor
 STEPS_TE=${STEPS_TE:-500}
 STEPS_C1=${STEPS_C1:-4000}             # the prior on DATA ...
-STEPS_C=${STEPS_C:-10200}              # ... and on to STEPS_C on DATA_BIG
+STEPS_C=${STEPS_C:-13400}              # ... and on to STEPS_C on DATA_BIG
 
 cargo build --release --quiet
 BIN=target/release/wuerstchen

@@ -52,7 +52,16 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c_out = self.0.weight().dim(0)?;
         add(2 * x.elem_count() * c_out);
-        self.0.forward(x)
+        // candle multiplies a (B, N, C) input batch by batch against the broadcast
+        // weight: one small gemm per batch element (N = 77 tokens for CLIP). As one
+        // (B*N, C) matrix it is a single gemm with B times the rows.
+        match *x.dims() {
+            [b, n, c] if b > 1 => self
+                .0
+                .forward(&x.reshape((b * n, c))?)?
+                .reshape((b, n, c_out)),
+            _ => self.0.forward(x),
+        }
     }
 }
 
