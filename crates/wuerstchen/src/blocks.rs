@@ -145,20 +145,7 @@ impl GlobalResponseNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let c = x.dim(D::Minus1)?;
-        // statistics in f32: a sum of squares over all positions overflows f16
-        // (B, 1, C). The 1e-12 keeps sqrt's gradient finite for a channel that GELU
-        // zeroed at every position (seen in training); it moves no f32 result.
-        let agg = (upcast(x)?.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
-        let stand = agg
-            .broadcast_div(&(agg.mean_keepdim(D::Minus1)? + 1e-6)?)?
-            .to_dtype(x.dtype())?;
-        let gamma = self.gamma.reshape((1, 1, c))?;
-        let beta = self.beta.reshape((1, 1, c))?;
-        x.broadcast_mul(&stand)?
-            .broadcast_mul(&gamma)?
-            .broadcast_add(&beta)?
-            .add(x)
+        kernels::grn::grn(x, &self.gamma, &self.beta)
     }
 }
 

@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, T
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, max, plain_gradients, simd_dispatch, sum_by, unsupported};
+use super::{max, plain_gradients, simd_dispatch, sum_by, three_f32};
 use crate::blocks::{softmax_last_dim, upcast};
 
 /// Queries per task: the score block (QUERIES x keys) stays in L2 for a few thousand
@@ -58,12 +58,7 @@ impl CustomOp3 for Sdpa {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let err = || unsupported(self.name());
-        let (q, k, v) = (
-            contiguous_f32(s1, l1).ok_or_else(err)?,
-            contiguous_f32(s2, l2).ok_or_else(err)?,
-            contiguous_f32(s3, l3).ok_or_else(err)?,
-        );
+        let [q, k, v] = three_f32(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let (b, h, n, d) = l1.shape().dims4()?;
         let (bk, hk, l, dk) = l2.shape().dims4()?;
         if (bk, hk, dk) != (b, h, d) || l3.shape().dims() != l2.shape().dims() {

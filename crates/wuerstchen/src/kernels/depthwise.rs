@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, plain_gradients, simd_dispatch, unsupported};
+use super::{plain_gradients, simd_dispatch, three_f32};
 
 /// How the border is padded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,10 +157,7 @@ impl CustomOp3 for Depthwise {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let err = || unsupported(self.name());
-        let x = contiguous_f32(s1, l1).ok_or_else(err)?;
-        let weight = contiguous_f32(s2, l2).ok_or_else(err)?;
-        let bias = contiguous_f32(s3, l3).ok_or_else(err)?;
+        let [x, weight, bias] = three_f32(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let (b, c, h, w) = l1.shape().dims4()?;
         let (wc, one, k, kw) = l2.shape().dims4()?;
         let (p, replicate) = match self.padding {

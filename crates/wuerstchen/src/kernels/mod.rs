@@ -12,6 +12,7 @@ pub mod attention;
 pub mod conv_transpose;
 pub mod depthwise;
 pub mod gelu;
+pub mod grn;
 pub mod layer_norm;
 
 use candle_core::{CpuStorage, Layout, Result, Tensor, Var};
@@ -109,6 +110,24 @@ fn plain_gradients<const N: usize>(
     let args: [&Tensor; N] = std::array::from_fn(|i| vars[i].as_tensor());
     let grads = (f(args)? * grad.detach())?.sum_all()?.backward()?;
     Ok(std::array::from_fn(|i| grads.get(&vars[i]).cloned()))
+}
+
+/// The three inputs of a three-tensor kernel as contiguous f32 slices, or the error
+/// that says the caller should have fallen back.
+fn three_f32<'a>(
+    op: &str,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+) -> Result<[&'a [f32]; 3]> {
+    match (
+        contiguous_f32(s1, l1),
+        contiguous_f32(s2, l2),
+        contiguous_f32(s3, l3),
+    ) {
+        (Some(a), Some(b), Some(c)) => Ok([a, b, c]),
+        _ => Err(unsupported(op)),
+    }
 }
 
 fn unsupported(op: &str) -> candle_core::Error {

@@ -1,0 +1,168 @@
+//! Global response normalisation (ConvNeXt-V2's GRN) on tokens (B, N, C), inside the
+//! channel MLP of every Stage B and Stage C ResBlock, on its widest tensor (4 C).
+//!
+//! From candle's ops it is nine whole-tensor passes (square, sum, ..., three
+//! broadcasts, add); here two reads and one write: the per-channel sums of squares
+//! over the positions (partial sums per block of rows, in f64), then
+//! x (1 + gamma s) + beta with s the channel's norm over the mean norm.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{plain_gradients, simd_dispatch, three_f32, CHUNK};
+
+/// GRN of x (B, N, C) with gamma and beta of C elements (any shape).
+pub fn grn(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    let fast = [x, gamma, beta]
+        .iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32);
+    if fast {
+        x.contiguous()?
+            .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, Grn)
+    } else {
+        plain(x, gamma, beta)
+    }
+}
+
+/// The reference form from candle's differentiable ops (statistics in f32: a sum of
+/// squares over all positions overflows f16).
+pub fn plain(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    use crate::blocks::upcast;
+    use candle_core::D;
+    let c = x.dim(D::Minus1)?;
+    // (B, 1, C). The 1e-12 keeps sqrt's gradient finite for a channel that GELU
+    // zeroed at every position (seen in training); it moves no f32 result.
+    let agg = (upcast(x)?.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
+    let stand = agg
+        .broadcast_div(&(agg.mean_keepdim(D::Minus1)? + 1e-6)?)?
+        .to_dtype(x.dtype())?;
+    let gamma = gamma.reshape((1, 1, c))?;
+    let beta = beta.reshape((1, 1, c))?;
+    x.broadcast_mul(&stand)?
+        .broadcast_mul(&gamma)?
+        .broadcast_add(&beta)?
+        .add(x)
+}
+
+struct Grn;
+
+simd_dispatch! {
+    fn add_squares(rows: &[f32], acc: &mut [f64]) {
+        for row in rows.chunks(acc.len()) {
+            for (a, &x) in acc.iter_mut().zip(row) {
+                *a += (x * x) as f64;
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    fn scale_rows(src: &[f32], dst: &mut [f32], scale: &[f32], beta: &[f32]) {
+        for (s, d) in src.chunks(scale.len()).zip(dst.chunks_mut(scale.len())) {
+            for (((o, &x), &m), &b) in d.iter_mut().zip(s).zip(scale).zip(beta) {
+                *o = x.mul_add(m, b);
+            }
+        }
+    }
+}
+
+impl CustomOp3 for Grn {
+    fn name(&self) -> &'static str {
+        "grn-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [x, gamma, beta] = three_f32(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
+        let (_, n, c) = l1.shape().dims3()?;
+        if gamma.len() != c || beta.len() != c {
+            candle_core::bail!(
+                "grn: input {:?} but gamma/beta of {}",
+                l1.shape(),
+                gamma.len()
+            )
+        }
+        let rows = (CHUNK / c).max(1);
+        let mut out = vec![0f32; x.len()];
+        for (src, dst) in x.chunks(n * c).zip(out.chunks_mut(n * c)) {
+            // sums of squares per channel: partial sums per block of rows, then added
+            let sums = src
+                .par_chunks(rows * c)
+                .map(|block| {
+                    let mut acc = vec![0f64; c];
+                    add_squares(block, &mut acc);
+                    acc
+                })
+                .reduce(
+                    || vec![0f64; c],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                        a
+                    },
+                );
+            let norms: Vec<f32> = sums.iter().map(|&s| (s as f32 + 1e-12).sqrt()).collect();
+            let mean = norms.iter().map(|&v| v as f64).sum::<f64>() as f32 / c as f32;
+            // x * s * gamma + beta + x = x * (1 + gamma s) + beta
+            let scale: Vec<f32> = norms
+                .iter()
+                .zip(gamma)
+                .map(|(&v, &g)| 1.0 + v / (mean + 1e-6) * g)
+                .collect();
+            dst.par_chunks_mut(rows * c)
+                .zip(src.par_chunks(rows * c))
+                .for_each(|(d, s)| scale_rows(s, d, &scale, beta));
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [gx, gg, gb] = plain_gradients([x, gamma, beta], grad, |[x, g, b]| plain(x, g, b))?;
+        Ok((gx, gg, gb))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::{max_diff, random};
+    use candle_core::Var;
+
+    #[test]
+    fn equals_the_plain_form_forward_and_backward() -> Result<()> {
+        // many positions (several row blocks), an odd channel count, a zeroed channel
+        for (b, n, c) in [(2, 3000, 24), (1, 7, 5)] {
+            let x = (random(&[b, n, c], 1)? * 2.0)?;
+            let zero_first = Tensor::ones(c, DType::F32, &Device::Cpu)?
+                .slice_assign(&[0..1], &Tensor::zeros(1, DType::F32, &Device::Cpu)?)?;
+            let x = Var::from_tensor(&x.broadcast_mul(&zero_first)?)?;
+            let gamma = Var::from_tensor(&random(&[1, 1, 1, c], 2)?)?;
+            let beta = Var::from_tensor(&random(&[1, 1, 1, c], 3)?)?;
+            let ours = grn(&x, &gamma, &beta)?;
+            let want = plain(&x, &gamma, &beta)?;
+            let d = max_diff(&ours, &want)?;
+            assert!(d < 1e-5, "({b}, {n}, {c}): max difference {d}");
+            let probe = random(&[b, n, c], 4)?;
+            let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+            let g_want = (want * &probe)?.sum_all()?.backward()?;
+            for v in [&x, &gamma, &beta] {
+                let d = max_diff(g_ours.get(v).unwrap(), g_want.get(v).unwrap())?;
+                assert!(d < 1e-4, "gradient {:?}: {d}", v.dims());
+            }
+        }
+        Ok(())
+    }
+}
