@@ -222,7 +222,10 @@ fn killed_run_resumes_to_the_same_step_count() {
     let (_, meta) =
         safetensors::SafeTensors::read_metadata(&bytes).expect("checkpoint is readable");
     let saved: usize = meta.metadata().as_ref().unwrap()["step"].parse().unwrap();
-    assert!(saved >= 3 && saved % 3 == 0, "checkpoint at step {saved}");
+    assert!(
+        saved >= 3 && saved.is_multiple_of(3),
+        "checkpoint at step {saved}"
+    );
     // resume: the run continues after the checkpointed step and reaches its goal
     let goal = saved + 4;
     let res = run(&mut train_stage_a(&data, &out, goal, 3));

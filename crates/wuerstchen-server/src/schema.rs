@@ -229,7 +229,7 @@ fn check(field: &Field, v: &Value) -> Result<Value, FieldError> {
         }
     }
     if let Some(m) = field.multiple_of {
-        if num as u64 % m as u64 != 0 {
+        if !(num as u64).is_multiple_of(m as u64) {
             let lower = (num as u64 / m as u64).max(1) * m as u64;
             return Err(err(
                 format!("{} is not a multiple of {m} (try {lower})", fmt_num(num)),

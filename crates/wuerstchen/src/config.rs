@@ -78,7 +78,7 @@ impl PriorConfig {
 
 impl Validate for PriorConfig {
     fn validate(&self) -> std::result::Result<(), String> {
-        if self.nhead == 0 || self.c % self.nhead != 0 {
+        if self.nhead == 0 || !self.c.is_multiple_of(self.nhead) {
             return Err(format!(
                 "c = {} is not divisible by nhead = {}",
                 self.c, self.nhead
@@ -172,7 +172,7 @@ impl Validate for DiffNeXtConfig {
             }
             if lc.contains('A') {
                 let h = self.nhead[i];
-                if h <= 0 || self.c_hidden[i] % h as usize != 0 {
+                if h <= 0 || !self.c_hidden[i].is_multiple_of(h as usize) {
                     return err(format!(
                         "level {i} has attention but nhead = {h} does not divide c_hidden = {}",
                         self.c_hidden[i]
@@ -185,7 +185,7 @@ impl Validate for DiffNeXtConfig {
                 return err(format!("dropout has {} entries, c_hidden has {n}", d.len()));
             }
         }
-        if self.kernel_size % 2 == 0 {
+        if self.kernel_size.is_multiple_of(2) {
             return err(format!("kernel_size = {} must be odd", self.kernel_size));
         }
         Ok(())
@@ -232,7 +232,7 @@ impl PaellaVQConfig {
 
 impl Validate for PaellaVQConfig {
     fn validate(&self) -> std::result::Result<(), String> {
-        if self.levels == 0 || self.embed_dim % (1 << (self.levels - 1)) != 0 {
+        if self.levels == 0 || !self.embed_dim.is_multiple_of(1 << (self.levels - 1)) {
             return Err(format!(
                 "embed_dim = {} must be divisible by 2^(levels-1) with levels = {} >= 1",
                 self.embed_dim, self.levels
@@ -300,7 +300,7 @@ impl ClipTextConfig {
 impl Validate for ClipTextConfig {
     fn validate(&self) -> std::result::Result<(), String> {
         let h = self.num_attention_heads;
-        if h == 0 || self.hidden_size % h != 0 {
+        if h == 0 || !self.hidden_size.is_multiple_of(h) {
             return Err(format!(
                 "hidden_size = {} is not divisible by num_attention_heads = {h}",
                 self.hidden_size

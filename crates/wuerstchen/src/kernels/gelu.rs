@@ -15,11 +15,12 @@ use rayon::prelude::*;
 use super::{contiguous_f32, simd_dispatch, unsupported, CHUNK};
 
 const P: [f32; 6] = [
-    1.128_379,
+    // erf'(0): the fit lands within one f32 ulp of it
+    std::f32::consts::FRAC_2_SQRT_PI,
     0.196_247_01,
-    0.053_467_222,
+    0.053_467_22,
     0.004_003_564_4,
-    0.000_288_040_0,
+    0.000_288_04,
     1.974_848_6e-6,
 ];
 const Q: [f32; 6] = [
