@@ -9,11 +9,10 @@
 //! cache, spread over rayon's threads. The normaliser is applied to the output rows
 //! instead of the scores. Backward (training) recomputes the plain form.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{max, plain_gradients, simd_dispatch, sum_by, three_f32};
+use super::{fast_path, matmul_into, max, plain_gradients, simd_dispatch, sum_by, three_f32};
 use crate::blocks::{softmax_last_dim, upcast};
 
 /// Queries per task: the score block (QUERIES x keys) stays in L2 for a few thousand
@@ -22,9 +21,7 @@ const QUERIES: usize = 128;
 
 /// softmax(q k^T * scale) v for q (B, H, N, d), k and v (B, H, L, d).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let fast = [q, k, v]
-        .iter()
-        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32);
+    let fast = fast_path(&[q, k, v]);
     if fast {
         q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, Sdpa { scale })
@@ -70,76 +67,30 @@ impl CustomOp3 for Sdpa {
             )
         }
         let mut out = vec![0f32; b * h * n * d];
-        let blocks = n.div_ceil(QUERIES);
         let scale = self.scale as f32;
         // one task per (head, block of queries); its output rows are its own
-        let tasks: Vec<(usize, &mut [f32])> = out
+        let tasks: Vec<(usize, usize, &mut [f32])> = out
             .chunks_mut(n * d)
             .enumerate()
             .flat_map(|(bh, head)| {
                 head.chunks_mut(QUERIES * d)
                     .enumerate()
-                    .map(move |(i, rows)| (bh * blocks + i, rows))
+                    .map(move |(block, rows)| (bh, block, rows))
             })
             .collect();
-        tasks.into_par_iter().for_each(|(task, rows)| {
-            let (bh, block) = (task / blocks, task % blocks);
+        tasks.into_par_iter().for_each(|(bh, block, rows)| {
             let m = rows.len() / d;
             let q = &q[bh * n * d + block * QUERIES * d..][..m * d];
             let (k, v) = (&k[bh * l * d..][..l * d], &v[bh * l * d..][..l * d]);
+            // scores (m, l) = q (m, d) k^T: k (l, d) read with column stride d
             let mut scores = vec![0f32; m * l];
-            // SAFETY (both gemms): every pointer spans the rows x columns its strides
-            // describe: scores (m, l), q (m, d), k read as k^T (d, l), v (l, d), rows (m, d).
-            unsafe {
-                gemm::gemm(
-                    m,
-                    l,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    l as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    d as isize,
-                    k.as_ptr(),
-                    d as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
+            matmul_into(&mut scores, q, k, (m, d, l), (d, 1), scale);
             let mut norms = vec![0f32; m];
             for (row, norm) in scores.chunks_mut(l).zip(&mut norms) {
                 *norm = 1.0 / exp_normalised(row);
             }
-            unsafe {
-                gemm::gemm(
-                    m,
-                    d,
-                    l,
-                    rows.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    l as isize,
-                    v.as_ptr(),
-                    1,
-                    d as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
+            // rows (m, d) = probabilities (m, l) v (l, d), then the softmax's normaliser
+            matmul_into(rows, &scores, v, (m, l, d), (1, d), 1.0);
             for (row, norm) in rows.chunks_mut(d).zip(&norms) {
                 row.iter_mut().for_each(|x| *x *= norm);
             }

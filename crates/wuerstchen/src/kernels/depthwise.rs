@@ -8,10 +8,10 @@
 //! row once per kernel row and accumulates in the output row, vectorised along the
 //! row, one channel plane per task.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{plain_gradients, simd_dispatch, three_f32};
+use super::{fast_path, plain_gradients, simd_dispatch, three_f32};
 
 /// How the border is padded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,9 +30,7 @@ pub fn depthwise_conv2d(
     padding: Padding,
 ) -> Result<Tensor> {
     let c = weight.dim(0)?;
-    let fast = [x, weight]
-        .iter()
-        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32);
+    let fast = fast_path(&[x, weight]);
     if !fast {
         return plain(x, weight, bias, padding);
     }

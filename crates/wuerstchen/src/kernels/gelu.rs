@@ -9,10 +9,10 @@
 //! scripts/fit_erf.py). Error against the exact erf: 2e-8 in f64 arithmetic,
 //! 4e-7 evaluated in f32, so GELU(x) is within 2e-7 |x| of candle's.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, simd_dispatch, unsupported, CHUNK};
+use super::{contiguous_f32, fast_path, simd_dispatch, unsupported, CHUNK};
 
 const P: [f32; 6] = [
     // erf'(0): the fit lands within one f32 ulp of it
@@ -82,7 +82,7 @@ impl CustomOp1 for Gelu {
 
 /// Exact GELU: the fast kernel for f32 on the CPU, candle's `gelu_erf` otherwise.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 {
+    if fast_path(&[x]) {
         x.contiguous()?.apply_op1(Gelu)
     } else {
         x.gelu_erf()
@@ -92,6 +92,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
 
     #[test]
     fn equals_candles_gelu_erf() -> Result<()> {

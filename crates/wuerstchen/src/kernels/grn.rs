@@ -6,16 +6,14 @@
 //! over the positions (partial sums per block of rows, in f64), then
 //! x (1 + gamma s) + beta with s the channel's norm over the mean norm.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{plain_gradients, simd_dispatch, three_f32, CHUNK};
+use super::{fast_path, plain_gradients, simd_dispatch, three_f32, whole_rows};
 
 /// GRN of x (B, N, C) with gamma and beta of C elements (any shape).
 pub fn grn(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
-    let fast = [x, gamma, beta]
-        .iter()
-        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32);
+    let fast = fast_path(&[x, gamma, beta]);
     if fast {
         x.contiguous()?
             .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, Grn)
@@ -89,12 +87,12 @@ impl CustomOp3 for Grn {
                 gamma.len()
             )
         }
-        let rows = (CHUNK / c).max(1);
+        let rows = whole_rows(c);
         let mut out = vec![0f32; x.len()];
         for (src, dst) in x.chunks(n * c).zip(out.chunks_mut(n * c)) {
             // sums of squares per channel: partial sums per block of rows, then added
             let sums = src
-                .par_chunks(rows * c)
+                .par_chunks(rows)
                 .map(|block| {
                     let mut acc = vec![0f64; c];
                     add_squares(block, &mut acc);
@@ -115,8 +113,8 @@ impl CustomOp3 for Grn {
                 .zip(gamma)
                 .map(|(&v, &g)| 1.0 + v / (mean + 1e-6) * g)
                 .collect();
-            dst.par_chunks_mut(rows * c)
-                .zip(src.par_chunks(rows * c))
+            dst.par_chunks_mut(rows)
+                .zip(src.par_chunks(rows))
                 .for_each(|(d, s)| scale_rows(s, d, &scale, beta));
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -139,6 +137,7 @@ impl CustomOp3 for Grn {
 mod tests {
     use super::*;
     use crate::kernels::tests::{max_diff, random};
+    use candle_core::Device;
     use candle_core::Var;
 
     #[test]

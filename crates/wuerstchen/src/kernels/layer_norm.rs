@@ -5,14 +5,16 @@
 //! allocating a new one (mean, centre, square, mean, sqrt, divide); here it is one
 //! read and one write per row, the row in cache between them.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, plain_gradients, simd_dispatch, sum_by, unsupported};
+use super::{
+    contiguous_f32, fast_path, plain_gradients, simd_dispatch, sum_by, unsupported, whole_rows,
+};
 
 /// `F.layer_norm(x, x.shape[-1:], eps=eps)`: statistics in f32 whatever the input.
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 {
+    if fast_path(&[x]) {
         x.contiguous()?.apply_op1(LayerNorm { eps })
     } else {
         plain(x, eps)
@@ -55,8 +57,7 @@ impl CustomOp1 for LayerNorm {
         let src = contiguous_f32(storage, layout).ok_or_else(|| unsupported(self.name()))?;
         let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut dst = vec![0f32; src.len()];
-        // whole rows per task, about CHUNK elements each
-        let rows = (super::CHUNK / width).max(1) * width;
+        let rows = whole_rows(width);
         dst.par_chunks_mut(rows)
             .zip(src.par_chunks(rows))
             .for_each(|(d, s)| normalise_rows(s, d, width, self.eps as f32));
@@ -74,6 +75,7 @@ impl CustomOp1 for LayerNorm {
 mod tests {
     use super::*;
     use crate::kernels::tests::{max_diff, random};
+    use candle_core::DType;
     use candle_core::Var;
 
     #[test]

@@ -15,7 +15,7 @@ pub mod gelu;
 pub mod grn;
 pub mod layer_norm;
 
-use candle_core::{CpuStorage, Layout, Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, Var};
 
 /// Compiles `$body` (a closure-like block over its arguments) once per instruction
 /// set and runs the best one the CPU supports: AVX-512, AVX2 + FMA, or the baseline.
@@ -50,6 +50,13 @@ macro_rules! simd_dispatch {
 }
 pub(crate) use simd_dispatch;
 
+/// Whether a kernel's fast path applies: every input f32 and on the CPU.
+fn fast_path(inputs: &[&Tensor]) -> bool {
+    inputs
+        .iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
+}
+
 /// The f32 elements of a contiguous CPU tensor, or None (the caller falls back).
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
     match (storage, layout.contiguous_offsets()) {
@@ -74,7 +81,7 @@ fn sum_by(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     (acc.iter().sum::<f64>() + tail) as f32
 }
 
-/// Largest element, vectorised as [`sum`] is (NaN-free input assumed).
+/// Largest element, vectorised as [`sum_by`] is (NaN-free input assumed).
 #[inline(always)]
 fn max(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
@@ -96,6 +103,50 @@ fn max(xs: &[f32]) -> f32 {
 /// that scheduling costs nothing, small enough that both cores get work on the
 /// smallest activations (a few hundred thousand elements).
 const CHUNK: usize = 1 << 14;
+
+/// Elements per task for a kernel that needs whole rows of `width`: about [`CHUNK`].
+fn whole_rows(width: usize) -> usize {
+    (CHUNK / width).max(1) * width
+}
+
+/// `dst (m, n) = scale * lhs (m, k) x rhs (k, n)` on this thread (the kernels already
+/// split their work over rayon's), all row-major except that `rhs` is read with the
+/// given (column, row) strides, so k^T needs no copy.
+fn matmul_into(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    (m, k, n): (usize, usize, usize),
+    (rhs_cs, rhs_rs): (usize, usize),
+    scale: f32,
+) {
+    assert!(dst.len() >= m * n && lhs.len() >= m * k);
+    assert!(k == 0 || n == 0 || rhs.len() > (n - 1) * rhs_cs + (k - 1) * rhs_rs);
+    // SAFETY: the asserts above keep every element the strides address in bounds.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
 
 /// Gradients of `f` at `inputs` against the incoming gradient `grad`, by running the
 /// plain (differentiable) form of a kernel on fresh variables: the backward pass of the
