@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use wuerstchen::forward::{run_forward, Component};
 use wuerstchen::pipeline::GenerationParams;
@@ -331,7 +331,7 @@ fn forward(component: &str, model: &Path, inputs: &Path, output: &Path) -> Resul
     let component: Component = component.parse()?;
     let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(inputs, &Device::Cpu)
         .with_context(|| format!("cannot read inputs from {}", inputs.display()))?;
-    let out = run_forward(component, model, &tensors, &Device::Cpu)?;
+    let out = run_forward(component, model, &tensors, &Device::Cpu, DType::F32)?;
     let bytes = safetensors::serialize([("output", out)], None)?;
     wuerstchen::image_io::write_atomically(output, &bytes)?;
     Ok(())

@@ -16,6 +16,7 @@ use crate::clip::ClipTextModel;
 use crate::config::{ClipTextConfig, DiffNeXtConfig, PaellaVQConfig, PriorConfig};
 use crate::error::{Error, Result};
 use crate::flops;
+use crate::kernels::bf16_matmul::{self, activation_dtype};
 use crate::noise::NoiseSource;
 use crate::pipeline::{
     self, denoise, DecoderPipelineConfig, GenerationParams, PriorPipelineConfig, Stage,
@@ -182,6 +183,20 @@ fn random_vb(dtype: DType, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
 }
 
+/// A model with random weights in `dtype`, built as `WeightFiles::build` builds a
+/// loaded one (bf16 on the CPU: bf16 linear layers on f32 activations).
+fn random_model<M>(
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<M> {
+    Ok(if bf16_matmul::bf16_on_cpu(dtype, device) {
+        bf16_matmul::with_bf16_linears(|| build(random_vb(DType::F32, device)))?
+    } else {
+        build(random_vb(dtype, device))?
+    })
+}
+
 /// Peak resident memory of this process since the last `reset_peak_rss`, in MiB
 /// (Linux; 0 where /proc is missing).
 pub fn peak_rss_mib() -> f64 {
@@ -225,13 +240,12 @@ type Call = Box<dyn Fn() -> Result<Tensor>>;
 
 fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usize, Call)> {
     let ((ph, pw), (dh, dw)) = latent_sizes(spec)?;
-    let dt = spec.dtype;
-    let vb = random_vb(dt, device);
+    let (wt, dt) = (spec.dtype, activation_dtype(spec.dtype, device));
     let r = |b: usize| Tensor::full(0.5f32, b, device)?.to_dtype(dt);
     Ok(match component {
         Component::Prior => {
             let cfg = PriorConfig::official();
-            let model = WuerstchenPrior::new(&cfg, vb)?;
+            let model = random_model(wt, device, |vb| WuerstchenPrior::new(&cfg, vb))?;
             let x = randn(&[2, cfg.c_in, ph, pw], dt, device)?;
             let text = randn(&[2, 77, cfg.c_cond], dt, device)?;
             let r = r(2)?;
@@ -239,7 +253,7 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
         }
         Component::Decoder => {
             let cfg = DiffNeXtConfig::official();
-            let model = WuerstchenDiffNeXt::new(&cfg, vb)?;
+            let model = random_model(wt, device, |vb| WuerstchenDiffNeXt::new(&cfg, vb))?;
             let x = randn(&[1, cfg.c_in, dh, dw], dt, device)?;
             let effnet = randn(&[1, cfg.effnet_embd, ph, pw], dt, device)?;
             let clip = randn(&[1, 77, cfg.clip_embd], dt, device)?;
@@ -251,7 +265,7 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
         }
         Component::VqganDecode => {
             let cfg = PaellaVQConfig::official();
-            let model = PaellaVQModel::new(&cfg, vb)?;
+            let model = random_model(wt, device, |vb| PaellaVQModel::new(&cfg, vb))?;
             let x = randn(&[1, cfg.latent_channels, dh, dw], dt, device)?;
             (1, Box::new(move || Ok(model.decode(&x, false)?)))
         }
@@ -278,7 +292,7 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
 /// minus reading files and the tokenizer.
 fn pipeline(spec: &BenchSpec, device: &Device) -> Result<Tensor> {
     let ((ph, pw), (dh, dw)) = latent_sizes(spec)?;
-    let dt = spec.dtype;
+    let (wt, dt) = (spec.dtype, activation_dtype(spec.dtype, device));
     let text = |component| -> Result<Tensor> {
         let (_, call) = build(component, spec, device)?;
         Ok(call()?.to_dtype(dt)?)
@@ -303,7 +317,9 @@ fn pipeline(spec: &BenchSpec, device: &Device) -> Result<Tensor> {
         };
     // batch 2: the prompt's and the negative prompt's embeddings, as guidance needs
     let prior_text = text(Component::PriorTextEncoder)?;
-    let prior = WuerstchenPrior::new(&PriorConfig::official(), random_vb(dt, device))?;
+    let prior = random_model(wt, device, |vb| {
+        WuerstchenPrior::new(&PriorConfig::official(), vb)
+    })?;
     let mut sched = DdpmWuerstchenScheduler::new(Default::default());
     sched.set_timesteps(default_stage_c_timesteps());
     let latents = sample(
@@ -319,7 +335,9 @@ fn pipeline(spec: &BenchSpec, device: &Device) -> Result<Tensor> {
         .affine(pc.latent_mean, -pc.latent_std)?
         .to_dtype(dt)?;
     let clip = text(Component::DecoderTextEncoder)?;
-    let decoder = WuerstchenDiffNeXt::new(&DiffNeXtConfig::official(), random_vb(dt, device))?;
+    let decoder = random_model(wt, device, |vb| {
+        WuerstchenDiffNeXt::new(&DiffNeXtConfig::official(), vb)
+    })?;
     sched.set_steps(d.decoder_steps);
     let latents = sample(
         Stage::Decoder,
@@ -330,7 +348,7 @@ fn pipeline(spec: &BenchSpec, device: &Device) -> Result<Tensor> {
     )?;
     drop(decoder);
     let cfg = PaellaVQConfig::official();
-    let vqgan = PaellaVQModel::new(&cfg, random_vb(dt, device))?;
+    let vqgan = random_model(wt, device, |vb| PaellaVQModel::new(&cfg, vb))?;
     Ok(vqgan.decode(&(latents * cfg.scale_factor)?.to_dtype(dt)?, false)?)
 }
 

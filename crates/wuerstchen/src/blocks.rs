@@ -37,8 +37,7 @@ pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> R
 /// `WuerstchenLayerNorm(elementwise_affine=False, eps=1e-6)`: layer norm over the
 /// channels of an NCHW tensor.
 pub fn channel_layer_norm(x: &Tensor) -> Result<Tensor> {
-    // (B, C, H, W) -> (B, H, W, C) -> norm -> (B, C, H, W)
-    kernels::layer_norm::layer_norm(&x.permute((0, 2, 3, 1))?, 1e-6)?.permute((0, 3, 1, 2))
+    kernels::layer_norm::channel_layer_norm(x, 1e-6)
 }
 
 /// (B, C, H, W) -> (B, H*W, C), contiguous.
@@ -128,7 +127,7 @@ impl TimestepBlock {
     }
 }
 
-/// `GlobalResponseNorm` (ConvNeXt-V2), here on tokens (B, N, C): the L2 norm over the
+/// `GlobalResponseNorm` (ConvNeXt-V2), here on NCHW: the L2 norm over the
 /// spatial positions, divided by its mean over channels.
 #[derive(Debug, Clone)]
 pub struct GlobalResponseNorm {
@@ -144,8 +143,9 @@ impl GlobalResponseNorm {
         })
     }
 
+    /// x (B, C, H, W): the norm over each channel's plane.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        kernels::grn::grn(x, &self.gamma, &self.beta)
+        kernels::grn::grn_channels_first(x, &self.gamma, &self.beta)
     }
 }
 
@@ -167,10 +167,11 @@ impl ChannelMlp {
         })
     }
 
-    /// tokens (B, N, C_in) -> (B, N, C_out)
+    /// (B, C_in, H, W) -> (B, C_out, H, W): the linear layers as 1x1 convolutions,
+    /// so the block never leaves NCHW (diffusers permutes to tokens and back).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = gelu(&self.fc1.forward(x)?)?;
-        self.fc2.forward(&self.grn.forward(&x)?)
+        let x = gelu(&self.fc1.forward_channels_first(x)?)?;
+        self.fc2.forward_channels_first(&self.grn.forward(&x)?)
     }
 }
 
@@ -190,16 +191,12 @@ impl ResBlock {
     }
 
     pub fn forward(&self, x: &Tensor, x_skip: Option<&Tensor>) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
         let joined = match x_skip {
             Some(s) => Tensor::cat(&[x, s], 1)?,
             None => x.clone(),
         };
-        let t = to_tokens(&self.depthwise.forward(&joined)?)?;
-        let t = self
-            .channelwise
-            .forward(&kernels::layer_norm::layer_norm(&t, 1e-6)?)?;
-        from_tokens(&t, h, w)? + x
+        let t = channel_layer_norm(&self.depthwise.forward(&joined)?)?;
+        self.channelwise.forward(&t)? + x
     }
 }
 

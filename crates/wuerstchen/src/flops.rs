@@ -10,6 +10,8 @@ use std::cell::Cell;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
+use crate::kernels::bf16_matmul::{self, Bf16Linear};
+
 thread_local! {
     static COUNT: Cell<u64> = const { Cell::new(0) };
 }
@@ -41,26 +43,70 @@ pub fn add_attention(q: &Tensor, k: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// A linear layer: candle's, or one with bf16 weights when built inside
+/// [`with_bf16_linears`](crate::kernels::bf16_matmul::with_bf16_linears).
 #[derive(Debug, Clone)]
-pub struct Linear(candle_nn::Linear);
+pub enum Linear {
+    F32(candle_nn::Linear),
+    Bf16(Bf16Linear),
+}
 
 pub fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear(c_in, c_out, vb).map(Linear)
+    if bf16_matmul::building_bf16_linears() {
+        let weight = vb.get((c_out, c_in), "weight")?;
+        let bias = vb.get(c_out, "bias")?;
+        return Ok(Linear::Bf16(Bf16Linear::new(&weight, Some(bias))?));
+    }
+    candle_nn::linear(c_in, c_out, vb).map(Linear::F32)
+}
+
+impl Linear {
+    /// The layer as a 1x1 convolution on channels-first x (B, in, H, W) -> (B, out, H,
+    /// W): `w (out, in) x (in, H*W)` per image, so a block that stays in NCHW needs no
+    /// transposes (which cost as much as the product in Stage A).
+    pub fn forward_channels_first(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c_in, h, w) = x.dims4()?;
+        let layer = match self {
+            Self::F32(layer) => layer,
+            Self::Bf16(layer) => {
+                add(2 * x.elem_count() * layer.out_features());
+                return layer.forward_channels_first(x);
+            }
+        };
+        let c_out = layer.weight().dim(0)?;
+        add(2 * x.elem_count() * c_out);
+        // the weight broadcast over the images (a zero batch stride, no copy)
+        let y = layer
+            .weight()
+            .broadcast_left(b)?
+            .matmul(&x.reshape((b, c_in, h * w))?)?;
+        let y = match layer.bias() {
+            Some(bias) => y.broadcast_add(&bias.reshape((c_out, 1))?)?,
+            None => y,
+        };
+        y.reshape((b, c_out, h, w))
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let c_out = self.0.weight().dim(0)?;
+        let layer = match self {
+            Self::F32(layer) => layer,
+            Self::Bf16(layer) => {
+                add(2 * x.elem_count() * layer.out_features());
+                return layer.forward(x);
+            }
+        };
+        let c_out = layer.weight().dim(0)?;
         add(2 * x.elem_count() * c_out);
         // candle multiplies a (B, N, C) input batch by batch against the broadcast
         // weight: one small gemm per batch element (N = 77 tokens for CLIP). As one
         // (B*N, C) matrix it is a single gemm with B times the rows.
         match *x.dims() {
-            [b, n, c] if b > 1 => self
-                .0
+            [b, n, c] if b > 1 => layer
                 .forward(&x.reshape((b * n, c))?)?
                 .reshape((b, n, c_out)),
-            _ => self.0.forward(x),
+            _ => layer.forward(x),
         }
     }
 }

@@ -77,6 +77,8 @@ impl std::str::FromStr for Component {
 struct Inputs<'a> {
     tensors: &'a HashMap<String, Tensor>,
     component: Component,
+    /// What float inputs are cast to: the model's activation dtype.
+    float_dtype: DType,
 }
 
 impl Inputs<'_> {
@@ -105,7 +107,7 @@ impl Inputs<'_> {
                 t.dtype()
             )));
         }
-        Ok(t.to_dtype(DType::F32)?)
+        Ok(t.to_dtype(self.float_dtype)?)
     }
 
     fn int(&self, name: &str, rank: usize) -> Result<Tensor> {
@@ -145,18 +147,20 @@ fn expect_batch(tensors: &[(&str, &Tensor)]) -> Result<()> {
     Ok(())
 }
 
-/// Runs `component` from the folder `model_dir` on `inputs`, in f32 on `device`.
+/// Runs `component` from the folder `model_dir` on `inputs`, its weights in `dt` on
+/// `device` (bf16 on the CPU: bf16 linear layers on f32 activations); the output in f32.
 pub fn run_forward(
     component: Component,
     model_dir: &Path,
     inputs: &HashMap<String, Tensor>,
     device: &Device,
+    dt: DType,
 ) -> Result<Tensor> {
     let inp = Inputs {
         tensors: inputs,
         component,
+        float_dtype: crate::kernels::bf16_matmul::activation_dtype(dt, device),
     };
-    let dt = DType::F32;
     let out = match component {
         Component::Prior => {
             let (x, r, c) = (inp.float("x", 4)?, inp.float("r", 1)?, inp.float("c", 3)?);

@@ -286,13 +286,6 @@ impl WuerstchenPipeline {
         device: Device,
         dtype: DType,
     ) -> Result<Self> {
-        if device.is_cpu() && dtype == DType::BF16 {
-            return Err(Error::InvalidParameter(
-                "dtype bf16 is not supported on the CPU (candle 0.11 has no CPU bf16 matmul): \
-                 use f32 or f16, or a CUDA device"
-                    .into(),
-            ));
-        }
         require_dirs(
             prior_dir,
             "--prior",
@@ -445,12 +438,14 @@ impl WuerstchenPipeline {
         let sizes = self.sizes(params)?;
         let dev = self.device.clone();
         let b = params.num_images;
+        // bf16 on the CPU: bf16 weights in the linear layers, f32 everywhere else
+        let act = crate::kernels::bf16_matmul::activation_dtype(self.dtype, &dev);
 
         // ---- Stage C: text -> semantic latents
         let prior_cfg = uses_guidance(params.prior_guidance);
         let text = self
             .encode_text(&self.prior_dir, params, prior_cfg)?
-            .to_dtype(self.dtype)?;
+            .to_dtype(act)?;
         let (prior, _) = WuerstchenPrior::load(&self.prior_dir.join("prior"), self.dtype, &dev)?;
         let mut sched = self.scheduler(&self.prior_dir)?;
         match params.prior_steps {
@@ -463,7 +458,7 @@ impl WuerstchenPipeline {
             &sched,
             &shape,
             params.prior_guidance,
-            self.dtype,
+            act,
             &dev,
             noise,
             progress,
@@ -479,13 +474,13 @@ impl WuerstchenPipeline {
         let dec_cfg = uses_guidance(params.decoder_guidance);
         let clip = self
             .encode_text(&self.decoder_dir, params, dec_cfg)?
-            .to_dtype(self.dtype)?;
+            .to_dtype(act)?;
         let effnet = if dec_cfg {
             Tensor::cat(&[&image_embeddings, &image_embeddings.zeros_like()?], 0)?
         } else {
             image_embeddings
         }
-        .to_dtype(self.dtype)?;
+        .to_dtype(act)?;
         let (decoder, _) =
             WuerstchenDiffNeXt::load(&self.decoder_dir.join("decoder"), self.dtype, &dev)?;
         let mut sched = self.scheduler(&self.decoder_dir)?;
@@ -496,7 +491,7 @@ impl WuerstchenPipeline {
             &sched,
             &shape,
             params.decoder_guidance,
-            self.dtype,
+            act,
             &dev,
             noise,
             progress,
@@ -508,7 +503,7 @@ impl WuerstchenPipeline {
 
         // ---- Stage A: latents -> pixels
         let (vqgan, _) = PaellaVQModel::load(&self.decoder_dir.join("vqgan"), self.dtype, &dev)?;
-        let scaled = (latents * vqgan.scale_factor)?.to_dtype(self.dtype)?;
+        let scaled = (latents * vqgan.scale_factor)?.to_dtype(act)?;
         let images = vqgan.decode(&scaled, false)?;
         tensor_to_images(&images.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
     }

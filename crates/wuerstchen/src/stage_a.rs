@@ -3,11 +3,10 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
-use crate::blocks::{conv1x1, conv2d, from_tokens, to_tokens, BatchNorm};
+use crate::blocks::{channel_layer_norm, conv1x1, conv2d, BatchNorm};
 use crate::config::PaellaVQConfig;
 use crate::depthwise::DepthwiseConv2d;
 use crate::flops::{self, Conv2d, ConvTranspose2d, Linear};
-use crate::kernels;
 use crate::kernels::gelu::gelu;
 
 /// `MixingResidualBlock`: depthwise conv (replication padded) and channel MLP, each
@@ -38,20 +37,22 @@ impl MixingResidualBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let tokens = to_tokens(x)?;
+        // all in NCHW: the norms over channels and the linear layers as 1x1
+        // convolutions (diffusers permutes to tokens and back around each)
         let modulate = |t: &Tensor, scale: usize, shift: usize| -> Result<Tensor> {
-            kernels::layer_norm::layer_norm(t, 1e-6)?
+            channel_layer_norm(t)?
                 .broadcast_mul(&(self.gamma(scale)? + 1.0)?)?
                 .broadcast_add(&self.gamma(shift)?)
         };
         // x + depthwise(pad(norm1(x) * (1 + g0) + g1)) * g2
-        let t = from_tokens(&modulate(&tokens, 0, 1)?, h, w)?;
+        let t = modulate(x, 0, 1)?;
         let x = (x + self.depthwise.forward(&t)?.broadcast_mul(&self.gamma(2)?)?)?;
         // x + channelwise(norm2(x) * (1 + g3) + g4) * g5
-        let t = modulate(&to_tokens(&x)?, 3, 4)?;
-        let t = self.fc2.forward(&gelu(&self.fc1.forward(&t)?)?)?;
-        x + from_tokens(&t, h, w)?.broadcast_mul(&self.gamma(5)?)?
+        let t = modulate(&x, 3, 4)?;
+        let t = self
+            .fc2
+            .forward_channels_first(&gelu(&self.fc1.forward_channels_first(&t)?)?)?;
+        x + t.broadcast_mul(&self.gamma(5)?)?
     }
 }
 

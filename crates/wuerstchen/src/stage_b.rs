@@ -8,8 +8,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
 use crate::blocks::{
-    channel_layer_norm, conv1x1, conv2d, depthwise, from_tokens, r_embedding, to_tokens, AttnBlock,
-    ChannelMlp, TimestepBlock,
+    channel_layer_norm, conv1x1, conv2d, depthwise, r_embedding, AttnBlock, ChannelMlp,
+    TimestepBlock,
 };
 use crate::config::DiffNeXtConfig;
 use crate::depthwise::DepthwiseConv2d;
@@ -34,13 +34,12 @@ impl ResBlockStageB {
     }
 
     pub fn forward(&self, x: &Tensor, x_skip: Option<&Tensor>) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let t = kernels::layer_norm::layer_norm(&to_tokens(&self.depthwise.forward(x)?)?, 1e-6)?;
+        let t = channel_layer_norm(&self.depthwise.forward(x)?)?;
         let t = match x_skip {
-            Some(s) => Tensor::cat(&[&t, &to_tokens(s)?], 2)?,
+            Some(s) => Tensor::cat(&[&t, s], 1)?,
             None => t,
         };
-        from_tokens(&self.channelwise.forward(&t)?, h, w)? + x
+        self.channelwise.forward(&t)? + x
     }
 }
 

@@ -16,6 +16,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
+use crate::kernels::bf16_matmul;
 
 /// Weight file names diffusers and transformers write, in the order we look for them.
 const WEIGHT_FILES: &[&str] = &["diffusion_pytorch_model.safetensors", "model.safetensors"];
@@ -97,7 +98,8 @@ impl WeightFiles {
     }
 
     /// Builds a model from these weights and checks afterwards that every tensor in the
-    /// files was used.
+    /// files was used. bf16 on the CPU builds bf16 linear layers on f32 activations
+    /// ([`bf16_matmul`]).
     pub fn build<M>(
         &self,
         dtype: DType,
@@ -109,8 +111,17 @@ impl WeightFiles {
             files: self,
             state: state.clone(),
         };
-        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-        let model = match build(vb) {
+        let built = if bf16_matmul::bf16_on_cpu(dtype, device) {
+            let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+            bf16_matmul::with_bf16_linears(|| build(vb))
+        } else {
+            build(VarBuilder::from_backend(
+                Box::new(backend),
+                dtype,
+                device.clone(),
+            ))
+        };
+        let model = match built {
             Ok(m) => m,
             Err(e) => {
                 let ours = state.first_error.lock().unwrap().take();

@@ -93,7 +93,7 @@ fn check<M>(
 fn shared_blocks_have_true_gradients() {
     check(
         "GlobalResponseNorm",
-        &[2, 5, 6],
+        &[2, 6, 2, 3],
         |vb| GlobalResponseNorm::new(6, vb).unwrap(),
         |m, x| m.forward(x).unwrap(),
     );

@@ -2,7 +2,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{assert_parity, fixture_component, fixtures, load};
 use wuerstchen::forward::{run_forward, Component};
 use wuerstchen::resize::resize_bicubic_aa;
@@ -11,6 +11,15 @@ use wuerstchen::weights::FromFolder;
 
 /// Runs every fixture of one component kind; returns how many ran.
 fn run_component(kind: Component) -> usize {
+    run_component_in(kind, DType::F32, assert_parity)
+}
+
+/// Runs every fixture of `kind` with weights in `dtype` and judges each output.
+fn run_component_in(
+    kind: Component,
+    dtype: DType,
+    judge: impl Fn(&str, &Tensor, &Tensor),
+) -> usize {
     let mut ran = 0;
     let mut dirs: Vec<_> = std::fs::read_dir(fixtures())
         .unwrap()
@@ -23,10 +32,10 @@ fn run_component(kind: Component) -> usize {
         }
         let inputs = load(&dir.join("inputs.safetensors"));
         let expected = &load(&dir.join("expected.safetensors"))["output"];
-        let got = run_forward(kind, &dir.join("model"), &inputs, &Device::Cpu)
+        let got = run_forward(kind, &dir.join("model"), &inputs, &Device::Cpu, dtype)
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        assert_parity(&name, &got, expected);
+        judge(&name, &got, expected);
         ran += 1;
     }
     ran
@@ -55,6 +64,30 @@ fn vqgan_encode_matches_diffusers() {
 #[test]
 fn text_encoder_matches_transformers() {
     assert!(run_component(Component::TextEncoder) >= 2);
+}
+
+/// bf16 on the CPU (bf16 weights and inputs in the linear layers, f32 elsewhere) against
+/// diffusers' f32 output. The stated tolerance: every value within 0.5% of the
+/// output's largest, the root-mean-square difference within 0.1% (bf16 keeps 8
+/// significant bits, a relative rounding of 2^-9 = 0.2% per operand; the sums stay
+/// f32, so errors average out: measured 0.05-0.1% max, 0.01-0.02% rms on these
+/// fixtures). The difference must also be nonzero: the bf16 layers really ran.
+#[test]
+fn bf16_linear_layers_stay_within_bf16_tolerance_of_diffusers_f32() {
+    let judge = |name: &str, got: &Tensor, expected: &Tensor| {
+        let r = wuerstchen::parity::compare(got, expected).unwrap();
+        let scale = r.max_abs_expected.max(1e-6);
+        let (max_rel, rms_rel) = (r.max_abs_diff / scale, r.rms_diff / scale);
+        println!("{name:<24} bf16: max {max_rel:.2e}, rms {rms_rel:.2e} of the largest output");
+        assert!(max_rel < 5e-3 && rms_rel < 1e-3, "{name}: {r}");
+        assert!(
+            r.max_abs_diff > 0.0,
+            "{name}: bit-equal to f32, so bf16 did not run"
+        );
+    };
+    for kind in [Component::Prior, Component::Decoder, Component::VqganDecode] {
+        assert!(run_component_in(kind, DType::BF16, judge) >= 2);
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{fast_path, plain_gradients, simd_dispatch, three_f32, whole_rows};
+use super::{fast_path, plain_gradients, simd_dispatch, sum_by, three_f32, whole_rows};
 
 /// GRN of x (B, N, C) with gamma and beta of C elements (any shape).
 pub fn grn(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
@@ -43,6 +43,109 @@ pub fn plain(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
 }
 
 struct Grn;
+
+/// Each channel's factor from its sum of squares over the positions:
+/// x * s * gamma + beta + x = x * (1 + gamma s) + beta, s = norm / mean norm.
+fn scales(sums: &[f64], gamma: &[f32]) -> Vec<f32> {
+    let norms: Vec<f32> = sums.iter().map(|&s| (s as f32 + 1e-12).sqrt()).collect();
+    let mean = norms.iter().map(|&v| v as f64).sum::<f64>() as f32 / norms.len() as f32;
+    norms
+        .iter()
+        .zip(gamma)
+        .map(|(&v, &g)| 1.0 + v / (mean + 1e-6) * g)
+        .collect()
+}
+
+/// GRN of channels-first x (B, C, H, W): the same function as [`grn`] on its tokens,
+/// where each channel's positions are one contiguous plane.
+pub fn grn_channels_first(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    if fast_path(&[x, gamma, beta]) && x.rank() == 4 {
+        x.contiguous()?
+            .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, GrnChannelsFirst)
+    } else {
+        plain_channels_first(x, gamma, beta)
+    }
+}
+
+/// The reference form of [`grn_channels_first`]: [`plain`] on the tokens.
+pub fn plain_channels_first(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    crate::blocks::from_tokens(&plain(&crate::blocks::to_tokens(x)?, gamma, beta)?, h, w)
+}
+
+struct GrnChannelsFirst;
+
+simd_dispatch! {
+    fn scale_plane(src: &[f32], dst: &mut [f32], scale: f32, beta: f32) {
+        for (o, &x) in dst.iter_mut().zip(src) {
+            *o = x.mul_add(scale, beta);
+        }
+    }
+}
+
+simd_dispatch! {
+    fn sum_squares(src: &[f32], out: &mut f64) {
+        *out = sum_by(src, |x| x * x) as f64;
+    }
+}
+
+impl CustomOp3 for GrnChannelsFirst {
+    fn name(&self) -> &'static str {
+        "grn-channels-first"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [x, gamma, beta] = three_f32(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
+        let (_, c, h, w) = l1.shape().dims4()?;
+        if gamma.len() != c || beta.len() != c {
+            candle_core::bail!(
+                "grn: input {:?} but gamma/beta of {}",
+                l1.shape(),
+                gamma.len()
+            )
+        }
+        let plane = h * w;
+        let mut out = vec![0f32; x.len()];
+        for (src, dst) in x.chunks(c * plane).zip(out.chunks_mut(c * plane)) {
+            let sums: Vec<f64> = src
+                .par_chunks(plane)
+                .map(|p| {
+                    let mut s = 0.0;
+                    sum_squares(p, &mut s);
+                    s
+                })
+                .collect();
+            let scale = scales(&sums, gamma);
+            dst.par_chunks_mut(plane)
+                .zip(src.par_chunks(plane))
+                .enumerate()
+                .for_each(|(ch, (d, s))| scale_plane(s, d, scale[ch], beta[ch]));
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [gx, gg, gb] = plain_gradients([x, gamma, beta], grad, |[x, g, b]| {
+            plain_channels_first(x, g, b)
+        })?;
+        Ok((gx, gg, gb))
+    }
+}
 
 simd_dispatch! {
     fn add_squares(rows: &[f32], acc: &mut [f64]) {
@@ -105,14 +208,7 @@ impl CustomOp3 for Grn {
                         a
                     },
                 );
-            let norms: Vec<f32> = sums.iter().map(|&s| (s as f32 + 1e-12).sqrt()).collect();
-            let mean = norms.iter().map(|&v| v as f64).sum::<f64>() as f32 / c as f32;
-            // x * s * gamma + beta + x = x * (1 + gamma s) + beta
-            let scale: Vec<f32> = norms
-                .iter()
-                .zip(gamma)
-                .map(|(&v, &g)| 1.0 + v / (mean + 1e-6) * g)
-                .collect();
+            let scale = scales(&sums, gamma);
             dst.par_chunks_mut(rows)
                 .zip(src.par_chunks(rows))
                 .for_each(|(d, s)| scale_rows(s, d, &scale, beta));
@@ -152,15 +248,24 @@ mod tests {
             let beta = Var::from_tensor(&random(&[1, 1, 1, c], 3)?)?;
             let ours = grn(&x, &gamma, &beta)?;
             let want = plain(&x, &gamma, &beta)?;
+            let probe = random(&[b, n, c], 4)?;
+            // the channels-first form on the same values as an image (B, C, 1, N)
+            let image = |t: &Tensor| t.transpose(1, 2)?.unsqueeze(2);
+            let x_cf = Var::from_tensor(&image(&x)?.contiguous()?)?;
+            let ours_cf = grn_channels_first(&x_cf, &gamma, &beta)?;
+            let d = max_diff(&image(&ours)?, &ours_cf)?;
+            assert!(d < 1e-5, "({b}, {n}, {c}): channels-first differs by {d}");
+            let g_cf = (ours_cf * image(&probe)?)?.sum_all()?.backward()?;
             let d = max_diff(&ours, &want)?;
             assert!(d < 1e-5, "({b}, {n}, {c}): max difference {d}");
-            let probe = random(&[b, n, c], 4)?;
             let g_ours = (ours * &probe)?.sum_all()?.backward()?;
             let g_want = (want * &probe)?.sum_all()?.backward()?;
             for v in [&x, &gamma, &beta] {
                 let d = max_diff(g_ours.get(v).unwrap(), g_want.get(v).unwrap())?;
                 assert!(d < 1e-4, "gradient {:?}: {d}", v.dims());
             }
+            let d = max_diff(&image(g_want.get(&x).unwrap())?, g_cf.get(&x_cf).unwrap())?;
+            assert!(d < 1e-4, "channels-first gradient: {d}");
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::{
     contiguous_f32, fast_path, plain_gradients, simd_dispatch, sum_by, unsupported, whole_rows,
+    SendPtr,
 };
 
 /// `F.layer_norm(x, x.shape[-1:], eps=eps)`: statistics in f32 whatever the input.
@@ -71,6 +72,88 @@ impl CustomOp1 for LayerNorm {
     }
 }
 
+/// Layer norm over the channels of x (B, C, H, W), read and written in place of the
+/// permute -> norm -> permute a token-layout norm needs (two copies of the tensor).
+pub fn channel_layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if fast_path(&[x]) && x.rank() == 4 {
+        x.contiguous()?.apply_op1(ChannelLayerNorm { eps })
+    } else {
+        plain_channels(x, eps)
+    }
+}
+
+/// The reference form of [`channel_layer_norm`]: the channels moved last and back.
+pub fn plain_channels(x: &Tensor, eps: f64) -> Result<Tensor> {
+    plain(&x.permute((0, 2, 3, 1))?, eps)?.permute((0, 3, 1, 2))
+}
+
+struct ChannelLayerNorm {
+    eps: f64,
+}
+
+/// Pixels per task of [`channel_layer_norm`]: the statistics of this many pixels are
+/// accumulated side by side, in vector registers, while the channels stream past.
+const PIXELS: usize = 64;
+
+simd_dispatch! {
+    // one image's (c, plane) pixels [p0, p0 + len), len <= PIXELS, written through
+    // `dst` (the same layout): two passes for mean and variance as in the row form
+    fn normalise_pixels(src: &[f32], dst: SendPtr, plane: usize, p0: usize, len: usize, eps: f32) {
+        let c = src.len() / plane;
+        let rows = || src.chunks_exact(plane).map(|row| &row[p0..p0 + len]);
+        // the sum in f64, as the row form's: inputs far from zero mean keep their digits
+        let mut sum = [0f64; PIXELS];
+        for row in rows() {
+            sum.iter_mut().zip(row).for_each(|(m, &x)| *m += x as f64);
+        }
+        let mean = sum.map(|s| (s / c as f64) as f32);
+        let mut var = [0f32; PIXELS];
+        for row in rows() {
+            for ((v, &x), &m) in var.iter_mut().zip(row).zip(&mean) {
+                *v += (x - m) * (x - m);
+            }
+        }
+        let rstd = var.map(|v| 1.0 / (v / c as f32 + eps).sqrt());
+        for (ch, row) in rows().enumerate() {
+            // SAFETY: the caller gives each task its own pixels of every channel
+            let out = unsafe { std::slice::from_raw_parts_mut(dst.get().add(ch * plane + p0), len) };
+            for (((o, &x), &m), &r) in out.iter_mut().zip(row).zip(&mean).zip(&rstd) {
+                *o = (x - m) * r;
+            }
+        }
+    }
+}
+
+impl CustomOp1 for ChannelLayerNorm {
+    fn name(&self) -> &'static str {
+        "channel-layer-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = contiguous_f32(storage, layout).ok_or_else(|| unsupported(self.name()))?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let plane = h * w;
+        let mut dst = vec![0f32; src.len()];
+        let tasks = plane.div_ceil(PIXELS);
+        let out = SendPtr(dst.as_mut_ptr());
+        (0..b * tasks).into_par_iter().for_each(|t| {
+            let (image, p0) = (t / tasks, t % tasks * PIXELS);
+            let src = &src[image * c * plane..][..c * plane];
+            // SAFETY: `dst` outlives the loop; tasks write disjoint pixels
+            let dst = SendPtr(unsafe { out.get().add(image * c * plane) });
+            let len = PIXELS.min(plane - p0);
+            normalise_pixels(src, dst, plane, p0, len, self.eps as f32);
+        });
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let eps = self.eps;
+        let [g] = plain_gradients([arg], grad, |[x]| plain_channels(x, eps))?;
+        Ok(g)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +179,30 @@ mod tests {
                 ours <= candle.max(2e-6),
                 "{shape:?}: {ours} vs candle's {candle}"
             );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn channel_form_equals_the_permuted_plain_form() -> Result<()> {
+        // a ragged last task (9 x 17 pixels), Stage C's width, values off zero mean
+        for (shape, shift) in [
+            ([2, 37, 9, 17], 0.0),
+            ([1, 1536, 4, 6], 0.0),
+            ([1, 64, 8, 8], 1e2),
+        ] {
+            let x = Var::from_tensor(&(random(&shape, 4)? * 3.0)?.affine(1.0, shift)?)?;
+            let exact = plain_channels(&x.to_dtype(DType::F64)?, 1e-6)?.to_dtype(DType::F32)?;
+            let ours = channel_layer_norm(&x, 1e-6)?;
+            let d = max_diff(&ours, &exact)?;
+            assert!(d < 2e-5, "{shape:?}: {d}");
+            let probe = random(&shape, 5)?;
+            let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+            let g_want = (plain_channels(&x, 1e-6)? * &probe)?
+                .sum_all()?
+                .backward()?;
+            let d = max_diff(g_ours.get(&x).unwrap(), g_want.get(&x).unwrap())?;
+            assert!(d < 1e-4, "{shape:?}: gradient {d}");
         }
         Ok(())
     }

@@ -9,6 +9,7 @@
 //! time ([`simd_dispatch`]), so the shipped binary needs no `target-cpu=native`.
 
 pub mod attention;
+pub mod bf16_matmul;
 pub mod conv_transpose;
 pub mod depthwise;
 pub mod gelu;
@@ -97,6 +98,21 @@ fn max(xs: &[f32]) -> f32 {
         }
     }
     acc.iter().copied().fold(tail, f32::max)
+}
+
+/// An output buffer shared by a kernel's tasks, each writing its own disjoint part
+/// (for outputs whose parts are not contiguous, such as a pixel range of every channel,
+/// so `par_chunks_mut` cannot split them).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: only used for disjoint writes while the buffer is alive (see each use).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// Elements per task when a kernel splits work over rayon's threads: large enough

@@ -1,0 +1,692 @@
+//! Linear layers with bf16 weights on f32 activations: `--dtype bf16` on the CPU.
+//!
+//! The matmul-heavy layers are where bf16 pays on a CPU: Intel's AMX tiles multiply
+//! bf16 pairs and sum them in f32 (`tdpbf16ps`, 16 x 16 x 32 products per instruction),
+//! several times the f32 FMA rate. Everything else (norms, softmax, GELU, the
+//! depthwise convolutions) stays in f32 on the kernels beside this one, so bf16 rounds
+//! only the two operands of each product: the idea of PyTorch's
+//! `set_float32_matmul_precision("medium")`, applied per linear layer.
+//!
+//! Models get these layers when they are built inside [`with_bf16_linears`]
+//! (`WeightFiles::build` does so for bf16 on the CPU). The weight is converted once,
+//! at build time, into the tile layout (half the bytes of f32). A CPU without AMX gets
+//! the same arithmetic, bf16-rounded operands summed in f32, from the f32 gemm.
+
+use std::cell::Cell;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous_f32, simd_dispatch, unsupported, SendPtr};
+
+thread_local! {
+    static BF16_LINEARS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `build` (a model constructor) so that the linear layers it creates hold bf16
+/// weights ([`Bf16Linear`]). A thread-local scope rather than a global switch: a model
+/// built afterwards, or on another thread (the server), is unaffected.
+pub fn with_bf16_linears<T>(build: impl FnOnce() -> T) -> T {
+    let before = BF16_LINEARS.with(|f| f.replace(true));
+    let out = build();
+    BF16_LINEARS.with(|f| f.set(before));
+    out
+}
+
+/// Whether models asked for in `dtype` on `device` are built as bf16 linear layers on
+/// f32 activations (bf16 on the CPU: candle has no CPU bf16 matmul, and f32 is what
+/// the other kernels are fast in). Activations then run in [`activation_dtype`].
+pub fn bf16_on_cpu(dtype: DType, device: &Device) -> bool {
+    device.is_cpu() && dtype == DType::BF16
+}
+
+/// The dtype a model's inputs and activations take when its weights are asked for
+/// in `dtype`: `dtype` itself, except f32 for bf16 on the CPU.
+pub fn activation_dtype(dtype: DType, device: &Device) -> DType {
+    if bf16_on_cpu(dtype, device) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// Whether a linear layer built now should be a [`Bf16Linear`].
+pub fn building_bf16_linears() -> bool {
+    BF16_LINEARS.with(Cell::get)
+}
+
+/// Whether this CPU and kernel let the process use AMX bf16 tiles (checked once).
+pub fn amx_available() -> bool {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    *AMX.get_or_init(amx::request)
+}
+
+/// A linear layer `x w^T + b` whose weight is stored in bf16.
+#[derive(Debug, Clone)]
+pub struct Bf16Linear {
+    weight: Arc<Weight>,
+    bias: Option<Tensor>,
+}
+
+#[derive(Debug)]
+enum Weight {
+    /// For AMX tiles.
+    Tiles(Packed),
+    /// No AMX: the bf16-rounded weight (n, k), for the f32 gemm.
+    Rounded(Tensor),
+}
+
+impl Bf16Linear {
+    /// From a PyTorch-layout weight (out, in) of any float dtype and a bias (out).
+    pub fn new(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::build(weight, bias, amx_available() && weight.device().is_cpu())
+    }
+
+    fn build(weight: &Tensor, bias: Option<Tensor>, tiles: bool) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let w = if tiles {
+            let w = weight
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Weight::Tiles(Packed::new(&w, n, k))
+        } else {
+            Weight::Rounded(round_to_bf16(weight)?)
+        };
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        Ok(Self {
+            weight: Arc::new(w),
+            bias,
+        })
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        match &*self.weight {
+            Weight::Tiles(p) => p.n,
+            Weight::Rounded(t) => t.dims()[0],
+        }
+    }
+
+    fn bias_vec(&self) -> Result<Option<Vec<f32>>> {
+        self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()
+    }
+
+    /// The layer as a 1x1 convolution: x (B, in, H, W) -> (B, out, H, W), read and
+    /// written channels-first, so a block that stays in NCHW needs no transposes.
+    pub fn forward_channels_first(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        match &*self.weight {
+            Weight::Tiles(packed) => {
+                let bias = self.bias_vec()?;
+                x.contiguous()?.apply_op1_no_bwd(&TileMatmul {
+                    packed,
+                    bias: bias.as_deref(),
+                    channels_first: true,
+                })
+            }
+            Weight::Rounded(w) => {
+                let (b, k, h, wd) = x.dims4()?;
+                let x = round_to_bf16(&x)?.reshape((b, k, h * wd))?;
+                let y = w.broadcast_left(b)?.matmul(&x)?;
+                let y = match &self.bias {
+                    Some(bias) => y.broadcast_add(&bias.reshape((w.dims()[0], 1))?)?,
+                    None => y,
+                };
+                y.reshape((b, w.dims()[0], h, wd))
+            }
+        }
+    }
+}
+
+impl Module for Bf16Linear {
+    /// x (.., in) -> (.., out)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        match &*self.weight {
+            Weight::Tiles(packed) => {
+                let bias = self.bias_vec()?;
+                x.contiguous()?.apply_op1_no_bwd(&TileMatmul {
+                    packed,
+                    bias: bias.as_deref(),
+                    channels_first: false,
+                })
+            }
+            Weight::Rounded(w) => {
+                let (rows, k) = (x.elem_count() / w.dims()[1], w.dims()[1]);
+                let y = round_to_bf16(&x)?.reshape((rows, k))?.matmul(&w.t()?)?;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().unwrap() = w.dims()[0];
+                let y = y.reshape(dims)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
+/// `t` rounded to the nearest bf16 (ties to even), as f32.
+fn round_to_bf16(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+}
+
+/// f32 to bf16 bits, round to nearest, ties to even (as candle's and PyTorch's casts).
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if x.is_nan() {
+        return ((u >> 16) | 0x40) as u16; // quiet, whatever the payload rounds to
+    }
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// Rows (token layout) or pixels (channels-first) per task. Each task converts this
+/// much of the input to bf16 once and runs it against the whole weight, so the
+/// weight is read from memory once per task.
+const TASK: usize = 64;
+
+/// The weight, as the tile products read it. A tile product takes its first operand
+/// as rows of 32 bf16 and its second as rows of 16 bf16 *pairs* (k, k + 1) ("VNNI"
+/// order). Token-layout inputs are the first operand, so the weight is the second
+/// (`pairs`); channels-first inputs are the second (out = w x), so the weight is the
+/// first (`rows`). Both are padded with zeros to whole tiles; `pairs` is built on
+/// first use, as most layers are only ever used one way.
+#[derive(Debug)]
+struct Packed {
+    /// (n rounded up to 32, kp) row-major.
+    rows: Vec<u16>,
+    /// Panels of 32 outputs: row r of a panel holds (w[j][2r], w[j][2r + 1]) for its
+    /// 32 outputs j (128 bytes).
+    pairs: OnceLock<Vec<u16>>,
+    n: usize,
+    k: usize,
+    /// k rounded up to 32 (one tile's depth).
+    kp: usize,
+}
+
+impl Packed {
+    fn new(w: &[f32], n: usize, k: usize) -> Self {
+        let kp = k.div_ceil(32) * 32;
+        let mut rows = vec![0u16; n.div_ceil(32) * 32 * kp];
+        rows_to_bf16(w, k, &mut rows, kp);
+        Self {
+            rows,
+            pairs: OnceLock::new(),
+            n,
+            k,
+            kp,
+        }
+    }
+
+    fn pairs(&self) -> &[u16] {
+        self.pairs.get_or_init(|| {
+            let kp = self.kp;
+            let mut pairs = vec![0u16; self.rows.len()];
+            for (j, row) in self.rows.chunks_exact(kp).enumerate() {
+                let panel = &mut pairs[(j / 32) * kp * 32..][..kp * 32];
+                for (i, &v) in row.iter().enumerate() {
+                    panel[(i / 2) * 64 + (j % 32) * 2 + i % 2] = v;
+                }
+            }
+            pairs
+        })
+    }
+
+    /// Output rows rounded up to a pair of tiles.
+    fn np(&self) -> usize {
+        self.n.div_ceil(32) * 32
+    }
+}
+
+struct TileMatmul<'a> {
+    packed: &'a Packed,
+    bias: Option<&'a [f32]>,
+    /// x is (B, k, H, W) and the output (B, n, H, W); else x is (.., k) -> (.., n).
+    channels_first: bool,
+}
+
+impl CustomOp1 for TileMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "bf16-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout).ok_or_else(|| unsupported(self.name()))?;
+        let p = self.packed;
+        let mut dims = layout.shape().dims().to_vec();
+        let feature_dim = if self.channels_first {
+            1
+        } else {
+            dims.len() - 1
+        };
+        if dims.len() < 2 || dims[feature_dim] != p.k {
+            return Err(candle_core::Error::Msg(format!(
+                "bf16-linear: input {:?} does not have the layer's {} features in dimension {feature_dim}",
+                dims, p.k
+            )));
+        }
+        dims[feature_dim] = p.n;
+        let mut out = vec![0f32; x.len() / p.k * p.n];
+        if self.channels_first {
+            let plane: usize = dims[2..].iter().product();
+            let (images, tasks) = (dims[0], plane.div_ceil(TASK));
+            let out_ptr = SendPtr(out.as_mut_ptr());
+            (0..images * tasks).into_par_iter().for_each(|t| {
+                let (image, p0) = (t / tasks, t % tasks * TASK);
+                let x = &x[image * p.k * plane..][..p.k * plane];
+                // SAFETY: `Tiles` layers exist only where amx_available() said yes;
+                // the task writes only its pixels [p0, p0 + TASK) of its image, inside
+                // `out`, which outlives the loop.
+                unsafe {
+                    let out = out_ptr.get().add(image * p.n * plane);
+                    amx::pixels(x, plane, p0, TASK.min(plane - p0), p, self.bias, out)
+                }
+            });
+        } else {
+            let pairs = p.pairs();
+            out.par_chunks_mut(TASK * p.n)
+                .zip(x.par_chunks(TASK * p.k))
+                .for_each(|(out, x)| {
+                    // SAFETY: as above.
+                    unsafe { amx::rows(x, p, pairs, self.bias, out) }
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+simd_dispatch! {
+    fn rows_to_bf16(src: &[f32], k: usize, dst: &mut [u16], kp: usize) {
+        for (s, d) in src.chunks_exact(k).zip(dst.chunks_exact_mut(kp)) {
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = bf16_bits(s);
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    // channels-first input columns [p0, p0 + len) as VNNI rows of `width` pixels:
+    // dst[r][2 p + i] = src[2 r + i][p0 + p]
+    fn columns_to_pairs(src: &[f32], plane: usize, p0: usize, len: usize, dst: &mut [u16], width: usize) {
+        let k = src.len() / plane;
+        for (r, d) in dst.chunks_exact_mut(2 * width).enumerate() {
+            for i in (0..2).filter(|i| 2 * r + i < k) {
+                let s = &src[(2 * r + i) * plane + p0..][..len];
+                for (p, &v) in s.iter().enumerate() {
+                    d[2 * p + i] = bf16_bits(v);
+                }
+            }
+        }
+    }
+}
+
+/// The tile instructions, through inline assembly (Rust has no stable AMX intrinsics).
+/// The eight tile registers are not known to the compiler, so it never touches them
+/// between these statements: tmm0-3 hold a 32 x 32 block of the output, tmm4-5 two
+/// tiles of the first operand, tmm6-7 two of the second.
+mod amx {
+    use std::arch::asm;
+
+    use super::{columns_to_pairs, rows_to_bf16, Packed, TASK};
+
+    /// Asks Linux for the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+    /// XFEATURE_XTILEDATA)`, once per process), after CPUID says the CPU has AMX-BF16.
+    pub fn request() -> bool {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            // leaf 7 reads as zeros on CPUs too old to have it
+            let ids = std::arch::x86_64::__cpuid_count(7, 0);
+            let (amx_bf16, amx_tile) = (ids.edx >> 22 & 1 == 1, ids.edx >> 24 & 1 == 1);
+            if !(amx_bf16 && amx_tile) {
+                return false;
+            }
+            extern "C" {
+                fn syscall(number: std::ffi::c_long, ...) -> std::ffi::c_long;
+            }
+            const SYS_ARCH_PRCTL: std::ffi::c_long = 158;
+            const ARCH_REQ_XCOMP_PERM: std::ffi::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: std::ffi::c_long = 18;
+            // SAFETY: a permission request; it changes no memory of ours.
+            unsafe { syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        false
+    }
+
+    /// Tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    const CONFIG: Config = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64; // bytes per row
+            c[48 + t] = 16; // rows
+            t += 1;
+        }
+        Config(c)
+    };
+
+    /// One operand of [`block`]: two tiles `next` elements apart, rows `stride` bytes
+    /// apart, the next 32-deep slice `step` elements on.
+    #[derive(Clone, Copy)]
+    struct Operand {
+        ptr: *const u16,
+        next: usize,
+        stride: usize,
+        step: usize,
+    }
+
+    /// c (32 x 32 f32, rows `c_stride` floats apart) = a (32 x 32 depth) b, the sums
+    /// in f32 over `depth` slices of 32.
+    ///
+    /// # Safety
+    /// The tiles configured, and every address the operands and c describe valid.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn block(a: Operand, b: Operand, depth: usize, c: *mut f32, c_stride: usize) {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for t in 0..depth {
+            let (a0, b0) = (a.ptr.add(t * a.step), b.ptr.add(t * b.step));
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa} * 1]",
+                "tileloadd tmm5, [{a1} + {sa} * 1]",
+                "tileloadd tmm6, [{b0} + {sb} * 1]",
+                "tileloadd tmm7, [{b1} + {sb} * 1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0,
+                a1 = in(reg) a0.add(a.next),
+                sa = in(reg) a.stride,
+                b0 = in(reg) b0,
+                b1 = in(reg) b0.add(b.next),
+                sb = in(reg) b.stride,
+                options(nostack, readonly)
+            );
+        }
+        asm!(
+            "tilestored [{c0} + {sc} * 1], tmm0",
+            "tilestored [{c1} + {sc} * 1], tmm1",
+            "tilestored [{c2} + {sc} * 1], tmm2",
+            "tilestored [{c3} + {sc} * 1], tmm3",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16),
+            c2 = in(reg) c.add(16 * c_stride),
+            c3 = in(reg) c.add(16 * c_stride + 16),
+            sc = in(reg) c_stride * 4,
+            options(nostack)
+        );
+    }
+
+    /// Runs `f` between loading the tile configuration and releasing the tiles.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn with_tiles(f: impl FnOnce()) {
+        asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+        f();
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// `out (rows, n) = x (rows, k) w^T + bias` for up to [`TASK`] rows.
+    ///
+    /// # Safety
+    /// AMX must be available and granted ([`super::amx_available`]).
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn rows(
+        x: &[f32],
+        w: &Packed,
+        pairs: &[u16],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let (k, kp, n) = (w.k, w.kp, w.n);
+        let rows = x.len() / k;
+        let padded = rows.div_ceil(32) * 32;
+        let mut a = vec![0u16; padded * kp];
+        rows_to_bf16(x, k, &mut a, kp);
+        // one panel's 32 outputs for every row
+        let mut c = vec![0f32; padded * 32];
+        with_tiles(|| {
+            for p in 0..w.np() / 32 {
+                let panel = &pairs[p * kp * 32..][..kp * 32];
+                for pair in 0..padded / 32 {
+                    let x_tiles = Operand {
+                        ptr: a[pair * 32 * kp..].as_ptr(),
+                        next: 16 * kp,
+                        stride: kp * 2,
+                        step: 32,
+                    };
+                    // the two halves of the panel's 128-byte rows
+                    let w_tiles = Operand {
+                        ptr: panel.as_ptr(),
+                        next: 32,
+                        stride: 128,
+                        step: 16 * 64,
+                    };
+                    block(
+                        x_tiles,
+                        w_tiles,
+                        kp / 32,
+                        c[pair * 32 * 32..].as_mut_ptr(),
+                        32,
+                    );
+                }
+                let (j0, cols) = (p * 32, (n - p * 32).min(32));
+                for (out, c) in out.chunks_exact_mut(n).zip(c.chunks_exact(32)) {
+                    let out = &mut out[j0..j0 + cols];
+                    out.copy_from_slice(&c[..cols]);
+                    if let Some(bias) = bias {
+                        out.iter_mut().zip(&bias[j0..]).for_each(|(o, b)| *o += b);
+                    }
+                }
+            }
+        });
+    }
+
+    /// `out[:, p0 .. p0 + len] = w x[:, p0 .. p0 + len] + bias` for one image of a
+    /// channels-first x (k, plane) and out (n, plane), len <= [`TASK`].
+    ///
+    /// # Safety
+    /// As [`rows`]; `out` points at n * plane floats of which this call writes only
+    /// the columns [p0, p0 + len).
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn pixels(
+        x: &[f32],
+        plane: usize,
+        p0: usize,
+        len: usize,
+        w: &Packed,
+        bias: Option<&[f32]>,
+        out: *mut f32,
+    ) {
+        let (kp, n) = (w.kp, w.n);
+        let width = len.div_ceil(32) * 32;
+        let mut b = vec![0u16; kp * width];
+        columns_to_pairs(x, plane, p0, len, &mut b, width);
+        // 32 outputs for the task's pixels
+        let mut c = vec![0f32; 32 * width];
+        debug_assert!(width <= TASK.div_ceil(32) * 32);
+        with_tiles(|| {
+            for j in 0..w.np() / 32 {
+                for pair in 0..width / 32 {
+                    let w_tiles = Operand {
+                        ptr: w.rows[j * 32 * kp..].as_ptr(),
+                        next: 16 * kp,
+                        stride: kp * 2,
+                        step: 32,
+                    };
+                    let x_tiles = Operand {
+                        ptr: b[pair * 64..].as_ptr(),
+                        next: 32,
+                        stride: width * 4,
+                        step: 16 * 2 * width,
+                    };
+                    block(
+                        w_tiles,
+                        x_tiles,
+                        kp / 32,
+                        c[pair * 32..].as_mut_ptr(),
+                        width,
+                    );
+                }
+                for (i, c) in c
+                    .chunks_exact(width)
+                    .enumerate()
+                    .take(n.saturating_sub(j * 32))
+                {
+                    let row = j * 32 + i;
+                    let out = std::slice::from_raw_parts_mut(out.add(row * plane + p0), len);
+                    let add = bias.map_or(0.0, |b| b[row]);
+                    out.iter_mut().zip(c).for_each(|(o, &v)| *o = v + add);
+                }
+            }
+        });
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn rows(_: &[f32], _: &Packed, _: &[u16], _: Option<&[f32]>, _: &mut [f32]) {
+        unreachable!("AMX is x86-64 only; amx_available() is false elsewhere")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn pixels(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &Packed,
+        _: Option<&[f32]>,
+        _: *mut f32,
+    ) {
+        unreachable!("AMX is x86-64 only; amx_available() is false elsewhere")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{max_diff, random};
+    use super::*;
+
+    /// The plain f32 layer on bf16-rounded operands: what the tiles compute, up to the
+    /// order of the f32 sums.
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (rows, k) = (x.elem_count() / w.dims()[1], w.dims()[1]);
+        let y = round_to_bf16(x)?
+            .reshape((rows, k))?
+            .matmul(&round_to_bf16(w)?.t()?)?
+            .broadcast_add(b)?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().unwrap() = w.dims()[0];
+        y.reshape(dims)
+    }
+
+    /// Both forms of the layer, with tiles (where the CPU has AMX) and without.
+    fn layers(w: &Tensor, b: &Tensor) -> Result<Vec<Bf16Linear>> {
+        let mut layers = vec![Bf16Linear::build(w, Some(b.clone()), false)?];
+        if amx_available() {
+            layers.push(Bf16Linear::build(w, Some(b.clone()), true)?);
+        } else {
+            println!("no AMX on this CPU: the tile path is not tested here");
+        }
+        Ok(layers)
+    }
+
+    #[test]
+    fn bf16_linear_equals_the_f32_product_of_rounded_operands() -> Result<()> {
+        // ragged sizes: rows not a multiple of 16 or of a task, k and n not of 32
+        for &(dims, n) in &[
+            (&[2usize, 37, 70][..], 45usize),
+            (&[130, 64][..], 96),
+            (&[1, 5, 320][..], 33),
+        ] {
+            let k = *dims.last().unwrap();
+            let x = random(dims, 1)?;
+            let w = random(&[n, k], 2)?;
+            let b = random(&[n], 3)?;
+            let want = reference(&x, &w, &b)?;
+            // and bf16 is near the f32 layer: relative error ~2^-8 per operand
+            let f32 = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+            let scale = f32.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            for layer in layers(&w, &b)? {
+                let got = layer.forward(&x)?;
+                assert_eq!(got.dims(), want.dims());
+                // only the summation order differs: f32 rounding of sums of ~k terms
+                let d = max_diff(&got, &want)?;
+                assert!(d < 1e-5, "{dims:?} x {n}: {d} ({:?})", layer.weight);
+                let rel = max_diff(&got, &f32)? / scale;
+                assert!(rel < 2e-2, "{dims:?} x {n}: bf16 vs f32 {rel}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn channels_first_form_is_the_same_layer_as_a_1x1_convolution() -> Result<()> {
+        // images of 2 tasks and a ragged rest, odd channel counts, two images
+        for &(b_, k, n, h, w_) in &[
+            (2usize, 37usize, 45usize, 9usize, 17usize),
+            (1, 64, 96, 4, 4),
+        ] {
+            let x = random(&[b_, k, h, w_], 5)?;
+            let w = random(&[n, k], 6)?;
+            let b = random(&[n], 7)?;
+            let tokens = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+            let want = reference(&tokens, &w, &b)?
+                .transpose(1, 2)?
+                .reshape((b_, n, h, w_))?;
+            for layer in layers(&w, &b)? {
+                let got = layer.forward_channels_first(&x)?;
+                let d = max_diff(&got, &want)?;
+                assert!(d < 1e-5, "({b_}, {k}, {h}, {w_}) -> {n}: {d}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_as_candle_casts() -> Result<()> {
+        // two exact ties (1 + 2^-8 rounds down to even, 1 + 3 * 2^-8 up), an ordinary
+        // value, a subnormal, large ones
+        let tie = 2f32.powi(-8);
+        let xs = [
+            1.0f32,
+            1.0 + tie,
+            1.0 + 3.0 * tie,
+            -3.3,
+            1e-40,
+            65504.0,
+            1e30,
+        ];
+        let ours: Vec<f32> = xs
+            .iter()
+            .map(|&x| f32::from_bits((bf16_bits(x) as u32) << 16))
+            .collect();
+        let t = Tensor::new(&xs[..], &candle_core::Device::Cpu)?;
+        assert_eq!(ours, round_to_bf16(&t)?.to_vec1::<f32>()?);
+        assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
+        Ok(())
+    }
+
+    #[test]
+    fn layers_are_bf16_only_inside_the_scope() {
+        assert!(!building_bf16_linears());
+        let inner = with_bf16_linears(|| {
+            let nested = with_bf16_linears(building_bf16_linears);
+            (building_bf16_linears(), nested)
+        });
+        assert_eq!(inner, (true, true));
+        assert!(!building_bf16_linears());
+    }
+}
