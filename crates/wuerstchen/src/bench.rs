@@ -349,7 +349,8 @@ fn pipeline(spec: &BenchSpec, device: &Device) -> Result<Tensor> {
     drop(decoder);
     let cfg = PaellaVQConfig::official();
     let vqgan = random_model(wt, device, |vb| PaellaVQModel::new(&cfg, vb))?;
-    Ok(vqgan.decode(&(latents * cfg.scale_factor)?.to_dtype(dt)?, false)?)
+    let scaled = (latents * cfg.scale_factor)?.to_dtype(dt)?;
+    Ok(vqgan.decode_tiled(&scaled, false, crate::stage_a::PIPELINE_DECODE_TILE)?)
 }
 
 fn dtype_name(dt: DType) -> &'static str {

@@ -75,16 +75,14 @@ impl Linear {
         };
         let c_out = layer.weight().dim(0)?;
         add(2 * x.elem_count() * c_out);
-        // the weight broadcast over the images (a zero batch stride, no copy)
-        let y = layer
-            .weight()
-            .broadcast_left(b)?
-            .matmul(&x.reshape((b, c_in, h * w))?)?;
-        let y = match layer.bias() {
-            Some(bias) => y.broadcast_add(&bias.reshape((c_out, 1))?)?,
-            None => y,
-        };
-        y.reshape((b, c_out, h, w))
+        match layer.bias() {
+            Some(bias) => crate::kernels::pointwise::conv1x1(x, layer.weight(), bias),
+            None => layer
+                .weight()
+                .broadcast_left(b)?
+                .matmul(&x.reshape((b, c_in, h * w))?)?
+                .reshape((b, c_out, h, w)),
+        }
     }
 }
 

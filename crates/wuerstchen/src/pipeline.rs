@@ -504,7 +504,7 @@ impl WuerstchenPipeline {
         // ---- Stage A: latents -> pixels
         let (vqgan, _) = PaellaVQModel::load(&self.decoder_dir.join("vqgan"), self.dtype, &dev)?;
         let scaled = (latents * vqgan.scale_factor)?.to_dtype(act)?;
-        let images = vqgan.decode(&scaled, false)?;
+        let images = vqgan.decode_tiled(&scaled, false, crate::stage_a::PIPELINE_DECODE_TILE)?;
         tensor_to_images(&images.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
     }
 

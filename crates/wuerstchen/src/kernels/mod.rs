@@ -15,6 +15,7 @@ pub mod depthwise;
 pub mod gelu;
 pub mod grn;
 pub mod layer_norm;
+pub mod pointwise;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, Var};
 
@@ -132,9 +133,34 @@ fn matmul_into(
     dst: &mut [f32],
     lhs: &[f32],
     rhs: &[f32],
+    dims: (usize, usize, usize),
+    rhs_strides: (usize, usize),
+    scale: f32,
+) {
+    gemm_f32(
+        dst,
+        false,
+        lhs,
+        rhs,
+        dims,
+        rhs_strides,
+        scale,
+        gemm::Parallelism::None,
+    );
+}
+
+/// `dst (m, n) = [dst +] scale * lhs (m, k) x rhs (k, n)`: [`matmul_into`], adding to
+/// what `dst` holds where `accumulate`, split over `parallelism`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    rhs: &[f32],
     (m, k, n): (usize, usize, usize),
     (rhs_cs, rhs_rs): (usize, usize),
     scale: f32,
+    parallelism: gemm::Parallelism,
 ) {
     assert!(dst.len() >= m * n && lhs.len() >= m * k);
     assert!(k == 0 || n == 0 || rhs.len() > (n - 1) * rhs_cs + (k - 1) * rhs_rs);
@@ -147,19 +173,19 @@ fn matmul_into(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             lhs.as_ptr(),
             1,
             k as isize,
             rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
-            0.0,
+            1.0,
             scale,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }
