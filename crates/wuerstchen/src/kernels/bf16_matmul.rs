@@ -188,18 +188,21 @@ fn bf16_bits(x: f32) -> u16 {
 /// weight is read from memory once per task.
 const TASK: usize = 64;
 
-/// The weight, as the tile products read it. A tile product takes its first operand
-/// as rows of 32 bf16 and its second as rows of 16 bf16 *pairs* (k, k + 1) ("VNNI"
-/// order). Token-layout inputs are the first operand, so the weight is the second
-/// (`pairs`); channels-first inputs are the second (out = w x), so the weight is the
-/// first (`rows`). Both are padded with zeros to whole tiles; `pairs` is built on
-/// first use, as most layers are only ever used one way.
+/// Elements of one tile: 16 rows of 64 bytes.
+const TILE: usize = 512;
+
+/// The weight, as the tile products read it, in whole tiles of 1 KiB each stored
+/// contiguously (strided tile loads over rows kilobytes apart ran at a fraction of the
+/// speed: every row a different page). A tile product takes its first operand as 16
+/// rows of 32 bf16 ([`rows_to_tiles`]) and its second as 16 rows of 16 bf16 *pairs*
+/// (k, k + 1) ("VNNI" order). Channels-first inputs are the second operand (out = w x),
+/// so the weight is the first (`rows`); token-layout inputs are the first, so the
+/// weight is the second (`pairs`, built on first use: most layers are only ever used
+/// one way). Tile (t, d) covers outputs 16 t.. and inputs 32 d.. and is the
+/// (t * depth + d)-th; everything is padded with zeros to whole tiles and 32 outputs.
 #[derive(Debug)]
 struct Packed {
-    /// (n rounded up to 32, kp) row-major.
     rows: Vec<u16>,
-    /// Panels of 32 outputs: row r of a panel holds (w[j][2r], w[j][2r + 1]) for its
-    /// 32 outputs j (128 bytes).
     pairs: OnceLock<Vec<u16>>,
     n: usize,
     k: usize,
@@ -211,7 +214,7 @@ impl Packed {
     fn new(w: &[f32], n: usize, k: usize) -> Self {
         let kp = k.div_ceil(32) * 32;
         let mut rows = vec![0u16; n.div_ceil(32) * 32 * kp];
-        rows_to_bf16(w, k, &mut rows, kp);
+        rows_to_tiles(w, k, &mut rows, kp / 32);
         Self {
             rows,
             pairs: OnceLock::new(),
@@ -223,16 +226,26 @@ impl Packed {
 
     fn pairs(&self) -> &[u16] {
         self.pairs.get_or_init(|| {
-            let kp = self.kp;
+            // the same tiles, each transposed into pair order: (row i, input c) ->
+            // (pair c / 2, output i, c % 2)
             let mut pairs = vec![0u16; self.rows.len()];
-            for (j, row) in self.rows.chunks_exact(kp).enumerate() {
-                let panel = &mut pairs[(j / 32) * kp * 32..][..kp * 32];
-                for (i, &v) in row.iter().enumerate() {
-                    panel[(i / 2) * 64 + (j % 32) * 2 + i % 2] = v;
+            for (dst, src) in pairs
+                .chunks_exact_mut(TILE)
+                .zip(self.rows.chunks_exact(TILE))
+            {
+                for (i, row) in src.chunks_exact(32).enumerate() {
+                    for (c, &v) in row.iter().enumerate() {
+                        dst[(c / 2) * 32 + i * 2 + c % 2] = v;
+                    }
                 }
             }
             pairs
         })
+    }
+
+    /// Tiles in one row of tiles (the depth of the product).
+    fn depth(&self) -> usize {
+        self.kp / 32
     }
 
     /// Output rows rounded up to a pair of tiles.
@@ -272,19 +285,12 @@ impl CustomOp1 for TileMatmul<'_> {
         let mut out = vec![0f32; x.len() / p.k * p.n];
         if self.channels_first {
             let plane: usize = dims[2..].iter().product();
-            let (images, tasks) = (dims[0], plane.div_ceil(TASK));
-            let out_ptr = SendPtr(out.as_mut_ptr());
-            (0..images * tasks).into_par_iter().for_each(|t| {
-                let (image, p0) = (t / tasks, t % tasks * TASK);
-                let x = &x[image * p.k * plane..][..p.k * plane];
-                // SAFETY: `Tiles` layers exist only where amx_available() said yes;
-                // the task writes only its pixels [p0, p0 + TASK) of its image, inside
-                // `out`, which outlives the loop.
-                unsafe {
-                    let out = out_ptr.get().add(image * p.n * plane);
-                    amx::pixels(x, plane, p0, TASK.min(plane - p0), p, self.bias, out)
+            for (x, out) in x.chunks(p.k * plane).zip(out.chunks_mut(p.n * plane)) {
+                for p0 in (0..plane).step_by(CHUNK_PIXELS) {
+                    let len = CHUNK_PIXELS.min(plane - p0);
+                    pixels_chunk(x, plane, p0, len, p, self.bias, out);
                 }
-            });
+            }
         } else {
             let pairs = p.pairs();
             out.par_chunks_mut(TASK * p.n)
@@ -299,29 +305,93 @@ impl CustomOp1 for TileMatmul<'_> {
 }
 
 simd_dispatch! {
-    fn rows_to_bf16(src: &[f32], k: usize, dst: &mut [u16], kp: usize) {
-        for (s, d) in src.chunks_exact(k).zip(dst.chunks_exact_mut(kp)) {
-            for (d, &s) in d.iter_mut().zip(s) {
-                *d = bf16_bits(s);
+    // rows of k values as first-operand tiles: row r, input c at tile
+    // (r / 16, c / 32), element (r % 16) * 32 + c % 32
+    fn rows_to_tiles(src: &[f32], k: usize, dst: &mut [u16], depth: usize) {
+        for (r, row) in src.chunks_exact(k).enumerate() {
+            let tiles = &mut dst[(r / 16) * depth * TILE..];
+            for (d, part) in row.chunks(32).enumerate() {
+                let out = &mut tiles[d * TILE + (r % 16) * 32..][..part.len()];
+                for (o, &v) in out.iter_mut().zip(part) {
+                    *o = bf16_bits(v);
+                }
             }
         }
     }
 }
 
 simd_dispatch! {
-    // channels-first input columns [p0, p0 + len) as VNNI rows of `width` pixels:
-    // dst[r][2 p + i] = src[2 r + i][p0 + p]
-    fn columns_to_pairs(src: &[f32], plane: usize, p0: usize, len: usize, dst: &mut [u16], width: usize) {
-        let k = src.len() / plane;
-        for (r, d) in dst.chunks_exact_mut(2 * width).enumerate() {
-            for i in (0..2).filter(|i| 2 * r + i < k) {
-                let s = &src[(2 * r + i) * plane + p0..][..len];
-                for (p, &v) in s.iter().enumerate() {
-                    d[2 * p + i] = bf16_bits(v);
-                }
+    // one column tile (16 pixels from `first`) of a channels-first image (k, plane)
+    // as second-operand tiles: input c, pixel j at tile c / 32, element
+    // ((c % 32) / 2) * 32 + j * 2 + c % 2
+    fn columns_to_tiles(src: &[f32], plane: usize, first: usize, count: usize, dst: &mut [u16]) {
+        for (c, channel) in src.chunks_exact(plane).enumerate() {
+            let tile = &mut dst[(c / 32) * TILE + ((c % 32) / 2) * 32 + c % 2..];
+            for (j, &v) in channel[first..first + count].iter().enumerate() {
+                tile[j * 2] = bf16_bits(v);
             }
         }
     }
+}
+
+/// Pixels of an image converted to the tile layout at a time: bounds the converted
+/// copy (4096 x k bf16: 12 MB for Stage A's widest layer).
+const CHUNK_PIXELS: usize = 4096;
+
+/// Outputs and pixels per task of the channels-first product: each task reads its
+/// 128 rows of the weight once and its pixels' columns once per 32 outputs, so neither
+/// operand is streamed from memory once per small task (the prior's weights are 19 MB,
+/// the activations of Stage A's 65536 pixels 50-200 MB).
+const TASK_OUTPUTS: usize = 128;
+const TASK_PIXELS: usize = 512;
+
+/// `out[:, p0 .. p0 + len] = w x[:, p0 .. p0 + len] + bias` for one image of a
+/// channels-first x (k, plane) and out (n, plane).
+fn pixels_chunk(
+    x: &[f32],
+    plane: usize,
+    p0: usize,
+    len: usize,
+    p: &Packed,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    // the chunk's columns as second-operand tiles, converted once
+    let width = len.div_ceil(32) * 32;
+    let mut pairs = vec![0u16; p.kp * width];
+    pairs
+        .par_chunks_mut(p.depth() * TILE)
+        .enumerate()
+        .for_each(|(t, tiles)| {
+            let first = t * 16;
+            if first < len {
+                columns_to_tiles(x, plane, p0 + first, 16.min(len - first), tiles);
+            }
+        });
+    let (n_tasks, p_tasks) = (p.np().div_ceil(TASK_OUTPUTS), width.div_ceil(TASK_PIXELS));
+    let out = SendPtr(out.as_mut_ptr());
+    (0..n_tasks * p_tasks).into_par_iter().for_each(|t| {
+        let (j0, q0) = (t / p_tasks * TASK_OUTPUTS, t % p_tasks * TASK_PIXELS);
+        let outputs = TASK_OUTPUTS.min(p.np() - j0);
+        let cols = TASK_PIXELS.min(len - q0.min(len));
+        if cols == 0 {
+            return;
+        }
+        // SAFETY: `Tiles` layers exist only where amx_available() said yes; each
+        // task writes its own outputs [j0, j0 + outputs) x pixels [p0 + q0, + cols).
+        unsafe {
+            amx::pixels(
+                &pairs,
+                (j0, outputs),
+                (q0, cols),
+                p,
+                bias,
+                out.get(),
+                plane,
+                p0,
+            )
+        }
+    });
 }
 
 /// The tile instructions, through inline assembly (Rust has no stable AMX intrinsics).
@@ -331,7 +401,7 @@ simd_dispatch! {
 mod amx {
     use std::arch::asm;
 
-    use super::{columns_to_pairs, rows_to_bf16, Packed, TASK};
+    use super::{rows_to_tiles, Packed, TILE};
 
     /// Asks Linux for the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
     /// XFEATURE_XTILEDATA)`, once per process), after CPUID says the CPU has AMX-BF16.
@@ -381,6 +451,20 @@ mod amx {
         next: usize,
         stride: usize,
         step: usize,
+    }
+
+    impl Operand {
+        /// Tile rows `t` and `t + 1` of an operand packed as contiguous tiles
+        /// (`depth` tiles per tile row, see [`Packed`]).
+        fn tiles(packed: &[u16], t: usize, depth: usize) -> Self {
+            assert!(packed.len() >= (t + 2) * depth * TILE);
+            Self {
+                ptr: packed[t * depth * TILE..].as_ptr(),
+                next: depth * TILE,
+                stride: 64,
+                step: TILE,
+            }
+        }
     }
 
     /// c (32 x 32 f32, rows `c_stride` floats apart) = a (32 x 32 depth) b, the sums
@@ -451,34 +535,22 @@ mod amx {
         bias: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        let (k, kp, n) = (w.k, w.kp, w.n);
+        let (k, n, depth) = (w.k, w.n, w.depth());
         let rows = x.len() / k;
         let padded = rows.div_ceil(32) * 32;
-        let mut a = vec![0u16; padded * kp];
-        rows_to_bf16(x, k, &mut a, kp);
+        let mut a = vec![0u16; padded * w.kp];
+        rows_to_tiles(x, k, &mut a, depth);
         // one panel's 32 outputs for every row
         let mut c = vec![0f32; padded * 32];
         with_tiles(|| {
             for p in 0..w.np() / 32 {
-                let panel = &pairs[p * kp * 32..][..kp * 32];
                 for pair in 0..padded / 32 {
-                    let x_tiles = Operand {
-                        ptr: a[pair * 32 * kp..].as_ptr(),
-                        next: 16 * kp,
-                        stride: kp * 2,
-                        step: 32,
-                    };
-                    // the two halves of the panel's 128-byte rows
-                    let w_tiles = Operand {
-                        ptr: panel.as_ptr(),
-                        next: 32,
-                        stride: 128,
-                        step: 16 * 64,
-                    };
+                    let x_tiles = Operand::tiles(&a, 2 * pair, depth);
+                    let w_tiles = Operand::tiles(pairs, 2 * p, depth);
                     block(
                         x_tiles,
                         w_tiles,
-                        kp / 32,
+                        depth,
                         c[pair * 32 * 32..].as_mut_ptr(),
                         32,
                     );
@@ -495,59 +567,40 @@ mod amx {
         });
     }
 
-    /// `out[:, p0 .. p0 + len] = w x[:, p0 .. p0 + len] + bias` for one image of a
-    /// channels-first x (k, plane) and out (n, plane), len <= [`TASK`].
+    /// One task of [`super::pixels_chunk`]: outputs [j0, j0 + outputs) (a multiple of
+    /// 32, padding rows dropped) for the chunk's pixels [q0, q0 + cols), from `pairs`,
+    /// the chunk's columns as second-operand tiles; written to the image's output
+    /// `out` (n, plane) at pixel p0 + q0.
     ///
     /// # Safety
-    /// As [`rows`]; `out` points at n * plane floats of which this call writes only
-    /// the columns [p0, p0 + len).
+    /// As [`rows`]; `out` points at n * plane floats, of which this call writes only
+    /// its outputs' columns [p0 + q0, p0 + q0 + cols).
     #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn pixels(
-        x: &[f32],
-        plane: usize,
-        p0: usize,
-        len: usize,
+        pairs: &[u16],
+        (j0, outputs): (usize, usize),
+        (q0, cols): (usize, usize),
         w: &Packed,
         bias: Option<&[f32]>,
         out: *mut f32,
+        plane: usize,
+        p0: usize,
     ) {
-        let (kp, n) = (w.kp, w.n);
-        let width = len.div_ceil(32) * 32;
-        let mut b = vec![0u16; kp * width];
-        columns_to_pairs(x, plane, p0, len, &mut b, width);
+        let (n, depth) = (w.n, w.depth());
+        let padded = cols.div_ceil(32) * 32;
         // 32 outputs for the task's pixels
-        let mut c = vec![0f32; 32 * width];
-        debug_assert!(width <= TASK.div_ceil(32) * 32);
+        let mut c = vec![0f32; 32 * padded];
         with_tiles(|| {
-            for j in 0..w.np() / 32 {
-                for pair in 0..width / 32 {
-                    let w_tiles = Operand {
-                        ptr: w.rows[j * 32 * kp..].as_ptr(),
-                        next: 16 * kp,
-                        stride: kp * 2,
-                        step: 32,
-                    };
-                    let x_tiles = Operand {
-                        ptr: b[pair * 64..].as_ptr(),
-                        next: 32,
-                        stride: width * 4,
-                        step: 16 * 2 * width,
-                    };
-                    block(
-                        w_tiles,
-                        x_tiles,
-                        kp / 32,
-                        c[pair * 32..].as_mut_ptr(),
-                        width,
-                    );
+            for j in (j0..j0 + outputs).step_by(32) {
+                let w_tiles = Operand::tiles(&w.rows, j / 16, depth);
+                for pair in 0..padded / 32 {
+                    let x_tiles = Operand::tiles(pairs, (q0 + pair * 32) / 16, depth);
+                    block(w_tiles, x_tiles, depth, c[pair * 32..].as_mut_ptr(), padded);
                 }
-                for (i, c) in c
-                    .chunks_exact(width)
-                    .enumerate()
-                    .take(n.saturating_sub(j * 32))
-                {
-                    let row = j * 32 + i;
-                    let out = std::slice::from_raw_parts_mut(out.add(row * plane + p0), len);
+                for (i, c) in c.chunks_exact(padded).enumerate().take(n.saturating_sub(j)) {
+                    let row = j + i;
+                    let out = std::slice::from_raw_parts_mut(out.add(row * plane + p0 + q0), cols);
                     let add = bias.map_or(0.0, |b| b[row]);
                     out.iter_mut().zip(c).for_each(|(o, &v)| *o = v + add);
                 }
@@ -561,14 +614,16 @@ mod amx {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn pixels(
-        _: &[f32],
-        _: usize,
-        _: usize,
-        _: usize,
+        _: &[u16],
+        _: (usize, usize),
+        _: (usize, usize),
         _: &Packed,
         _: Option<&[f32]>,
         _: *mut f32,
+        _: usize,
+        _: usize,
     ) {
         unreachable!("AMX is x86-64 only; amx_available() is false elsewhere")
     }
@@ -634,10 +689,12 @@ mod tests {
 
     #[test]
     fn channels_first_form_is_the_same_layer_as_a_1x1_convolution() -> Result<()> {
-        // images of 2 tasks and a ragged rest, odd channel counts, two images
+        // odd channel and pixel counts, two images; the last case spans two pixel
+        // chunks, several pixel tasks and two output tasks
         for &(b_, k, n, h, w_) in &[
             (2usize, 37usize, 45usize, 9usize, 17usize),
             (1, 64, 96, 4, 4),
+            (1, 40, 200, 70, 70),
         ] {
             let x = random(&[b_, k, h, w_], 5)?;
             let w = random(&[n, k], 6)?;
