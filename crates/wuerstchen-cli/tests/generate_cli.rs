@@ -187,7 +187,7 @@ fn seeded_runs_are_reproducible() {
 }
 
 #[test]
-fn half_precision_stays_close_to_f32() {
+fn half_precision_and_bf16_stay_close_to_f32() {
     let dir = scratch("f16");
     let run = |dtype: &str| {
         let out = dir.join(format!("{dtype}.png"));
@@ -210,15 +210,23 @@ fn half_precision_stays_close_to_f32() {
         );
         read_png(&out).unwrap().image.data
     };
-    let (a, b) = (run("f32"), run("f16"));
-    let mean = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| x.abs_diff(*y) as f64)
-        .sum::<f64>()
-        / a.len() as f64;
-    println!("f16 vs f32: mean difference {mean:.3} levels");
-    assert!(mean < 2.0, "f16 image drifts {mean} levels from f32");
+    let f32 = run("f32");
+    // bf16 on the CPU: bf16 linear layers (AMX tiles where the CPU has them), f32 rest
+    for dtype in ["f16", "bf16"] {
+        let b = run(dtype);
+        let mean = f32
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| x.abs_diff(*y) as f64)
+            .sum::<f64>()
+            / f32.len() as f64;
+        println!("{dtype} vs f32: mean difference {mean:.3} levels");
+        assert!(mean < 2.0, "{dtype} image drifts {mean} levels from f32");
+        assert!(
+            b != f32,
+            "{dtype} image is bit-equal to f32's: did {dtype} run?"
+        );
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

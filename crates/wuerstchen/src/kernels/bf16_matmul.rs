@@ -109,8 +109,14 @@ impl Bf16Linear {
         }
     }
 
-    fn bias_vec(&self) -> Result<Option<Vec<f32>>> {
-        self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()
+    /// The product on AMX tiles, in either layout.
+    fn on_tiles(&self, packed: &Packed, x: &Tensor, channels_first: bool) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        x.contiguous()?.apply_op1_no_bwd(&TileMatmul {
+            packed,
+            bias: bias.as_deref(),
+            channels_first,
+        })
     }
 
     /// The layer as a 1x1 convolution: x (B, in, H, W) -> (B, out, H, W), read and
@@ -118,14 +124,7 @@ impl Bf16Linear {
     pub fn forward_channels_first(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         match &*self.weight {
-            Weight::Tiles(packed) => {
-                let bias = self.bias_vec()?;
-                x.contiguous()?.apply_op1_no_bwd(&TileMatmul {
-                    packed,
-                    bias: bias.as_deref(),
-                    channels_first: true,
-                })
-            }
+            Weight::Tiles(packed) => self.on_tiles(packed, &x, true),
             Weight::Rounded(w) => {
                 let (b, k, h, wd) = x.dims4()?;
                 let x = round_to_bf16(&x)?.reshape((b, k, h * wd))?;
@@ -145,14 +144,7 @@ impl Module for Bf16Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         match &*self.weight {
-            Weight::Tiles(packed) => {
-                let bias = self.bias_vec()?;
-                x.contiguous()?.apply_op1_no_bwd(&TileMatmul {
-                    packed,
-                    bias: bias.as_deref(),
-                    channels_first: false,
-                })
-            }
+            Weight::Tiles(packed) => self.on_tiles(packed, &x, false),
             Weight::Rounded(w) => {
                 let (rows, k) = (x.elem_count() / w.dims()[1], w.dims()[1]);
                 let y = round_to_bf16(&x)?.reshape((rows, k))?.matmul(&w.t()?)?;
