@@ -262,12 +262,17 @@ impl CustomOp1 for TileMatmul<'_> {
         let x = contiguous_f32(storage, layout).ok_or_else(|| unsupported(self.name()))?;
         let p = self.packed;
         let mut dims = layout.shape().dims().to_vec();
+        let rank_ok = if self.channels_first {
+            dims.len() == 4
+        } else {
+            !dims.is_empty()
+        };
         let feature_dim = if self.channels_first {
             1
         } else {
-            dims.len() - 1
+            dims.len().max(1) - 1
         };
-        if dims.len() < 2 || dims[feature_dim] != p.k {
+        if !rank_ok || dims[feature_dim] != p.k {
             return Err(candle_core::Error::Msg(format!(
                 "bf16-linear: input {:?} does not have the layer's {} features in dimension {feature_dim}",
                 dims, p.k
@@ -275,7 +280,9 @@ impl CustomOp1 for TileMatmul<'_> {
         }
         dims[feature_dim] = p.n;
         let mut out = vec![0f32; x.len() / p.k * p.n];
-        if self.channels_first {
+        if out.is_empty() {
+            // no pixels or no rows: nothing to multiply (and no zero-sized chunks)
+        } else if self.channels_first {
             let plane: usize = dims[2..].iter().product();
             for (x, out) in x.chunks(p.k * plane).zip(out.chunks_mut(p.n * plane)) {
                 for p0 in (0..plane).step_by(CHUNK_PIXELS) {
@@ -288,7 +295,7 @@ impl CustomOp1 for TileMatmul<'_> {
             out.par_chunks_mut(TASK * p.n)
                 .zip(x.par_chunks(TASK * p.k))
                 .for_each(|(out, x)| {
-                    // SAFETY: as above.
+                    // SAFETY: `Tiles` layers exist only where amx_available() said yes.
                     unsafe { amx::rows(x, p, pairs, self.bias, out) }
                 });
         }
@@ -700,6 +707,22 @@ mod tests {
                 let d = max_diff(&got, &want)?;
                 assert!(d < 1e-5, "({b_}, {k}, {h}, {w_}) -> {n}: {d}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn wrong_shapes_are_errors_and_empty_inputs_give_empty_outputs() -> Result<()> {
+        let (w, b) = (random(&[8, 6], 1)?, random(&[8], 2)?);
+        for layer in layers(&w, &b)? {
+            assert!(layer.forward(&random(&[3, 5], 3)?).is_err());
+            assert!(layer
+                .forward_channels_first(&random(&[1, 5, 2, 2], 3)?)
+                .is_err());
+            let empty = Tensor::zeros((0, 6), DType::F32, &candle_core::Device::Cpu)?;
+            assert_eq!(layer.forward(&empty)?.dims(), &[0, 8]);
+            let empty = Tensor::zeros((1, 6, 0, 3), DType::F32, &candle_core::Device::Cpu)?;
+            assert_eq!(layer.forward_channels_first(&empty)?.dims(), &[1, 8, 0, 3]);
         }
         Ok(())
     }
