@@ -452,7 +452,19 @@ mod amx {
         step: usize,
     }
 
+    /// Tiles of depth per pass over a task's outputs and pixels in [`pixels`].
+    const DEPTH_BLOCK: usize = 8;
+
     impl Operand {
+        /// The operand `tiles` slices of 32 further along the depth.
+        fn skip(self, tiles: usize) -> Self {
+            // wrapping: only `block` reads through it, inside the operand's depth
+            Self {
+                ptr: self.ptr.wrapping_add(tiles * self.step),
+                ..self
+            }
+        }
+
         /// Tile rows `t` and `t + 1` of an operand packed as contiguous tiles
         /// (`depth` tiles per tile row, see [`Packed`]).
         fn tiles(packed: &[u16], t: usize, depth: usize) -> Self {
@@ -466,20 +478,42 @@ mod amx {
         }
     }
 
-    /// c (32 x 32 f32, rows `c_stride` floats apart) = a (32 x 32 depth) b, the sums
-    /// in f32 over `depth` slices of 32.
+    /// c (32 x 32 f32, rows `c_stride` floats apart) = [c +] a (32 x 32 depth) b, the
+    /// sums in f32 over `depth` slices of 32; c's own values added where `accumulate`.
     ///
     /// # Safety
     /// The tiles configured, and every address the operands and c describe valid.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn block(a: Operand, b: Operand, depth: usize, c: *mut f32, c_stride: usize) {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
+    unsafe fn block(
+        a: Operand,
+        b: Operand,
+        depth: usize,
+        c: *mut f32,
+        c_stride: usize,
+        accumulate: bool,
+    ) {
+        if accumulate {
+            asm!(
+                "tileloadd tmm0, [{c0} + {sc} * 1]",
+                "tileloadd tmm1, [{c1} + {sc} * 1]",
+                "tileloadd tmm2, [{c2} + {sc} * 1]",
+                "tileloadd tmm3, [{c3} + {sc} * 1]",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(16),
+                c2 = in(reg) c.add(16 * c_stride),
+                c3 = in(reg) c.add(16 * c_stride + 16),
+                sc = in(reg) c_stride * 4,
+                options(nostack, readonly)
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
         for t in 0..depth {
             let (a0, b0) = (a.ptr.add(t * a.step), b.ptr.add(t * b.step));
             asm!(
@@ -552,6 +586,7 @@ mod amx {
                         depth,
                         c[pair * 32 * 32..].as_mut_ptr(),
                         32,
+                        false,
                     );
                 }
                 let (j0, cols) = (p * 32, (n - p * 32).min(32));
@@ -588,23 +623,33 @@ mod amx {
     ) {
         let (n, depth) = (w.n, w.depth());
         let padded = cols.div_ceil(32) * 32;
-        // 32 outputs for the task's pixels
-        let mut c = vec![0f32; 32 * padded];
+        // the task's outputs x pixels, summed over slices of DEPTH_BLOCK tiles: the
+        // slices of both operands (64 + 256 KiB) and this block (256 KiB) stay in L2
+        // while every output pair meets every pixel pair
+        let mut c = vec![0f32; outputs * padded];
         with_tiles(|| {
-            for j in (j0..j0 + outputs).step_by(32) {
-                let w_tiles = Operand::tiles(&w.rows, j / 16, depth);
-                for pair in 0..padded / 32 {
-                    let x_tiles = Operand::tiles(pairs, (q0 + pair * 32) / 16, depth);
-                    block(w_tiles, x_tiles, depth, c[pair * 32..].as_mut_ptr(), padded);
-                }
-                for (i, c) in c.chunks_exact(padded).enumerate().take(n.saturating_sub(j)) {
-                    let row = j + i;
-                    let out = std::slice::from_raw_parts_mut(out.add(row * plane + p0 + q0), cols);
-                    let add = bias.map_or(0.0, |b| b[row]);
-                    out.iter_mut().zip(c).for_each(|(o, &v)| *o = v + add);
+            for d0 in (0..depth).step_by(DEPTH_BLOCK) {
+                let slice = DEPTH_BLOCK.min(depth - d0);
+                for j in (0..outputs).step_by(32) {
+                    let w_tiles = Operand::tiles(&w.rows, (j0 + j) / 16, depth).skip(d0);
+                    for q in (0..padded).step_by(32) {
+                        let x_tiles = Operand::tiles(pairs, (q0 + q) / 16, depth).skip(d0);
+                        let at = c[j * padded + q..].as_mut_ptr();
+                        block(w_tiles, x_tiles, slice, at, padded, d0 > 0);
+                    }
                 }
             }
         });
+        for (i, c) in c
+            .chunks_exact(padded)
+            .enumerate()
+            .take(n.saturating_sub(j0))
+        {
+            let row = j0 + i;
+            let out = std::slice::from_raw_parts_mut(out.add(row * plane + p0 + q0), cols);
+            let add = bias.map_or(0.0, |b| b[row]);
+            out.iter_mut().zip(c).for_each(|(o, &v)| *o = v + add);
+        }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -688,12 +733,13 @@ mod tests {
 
     #[test]
     fn channels_first_form_is_the_same_layer_as_a_1x1_convolution() -> Result<()> {
-        // odd channel and pixel counts, two images; the last case spans two pixel
-        // chunks, several pixel tasks and two output tasks
+        // odd channel and pixel counts, two images; then two pixel chunks, several
+        // pixel tasks and two output tasks; then inputs deeper than one depth block
         for &(b_, k, n, h, w_) in &[
             (2usize, 37usize, 45usize, 9usize, 17usize),
             (1, 64, 96, 4, 4),
             (1, 40, 200, 70, 70),
+            (2, 300, 40, 5, 7),
         ] {
             let x = random(&[b_, k, h, w_], 5)?;
             let w = random(&[n, k], 6)?;
