@@ -179,10 +179,6 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-fn random_vb(dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
-}
-
 /// A model with random weights in `dtype`, built as `WeightFiles::build` builds a
 /// loaded one (bf16 on the CPU: bf16 linear layers on f32 activations).
 fn random_model<M>(
@@ -190,11 +186,12 @@ fn random_model<M>(
     device: &Device,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<M> {
-    Ok(if bf16_matmul::bf16_on_cpu(dtype, device) {
-        bf16_matmul::with_bf16_linears(|| build(random_vb(DType::F32, device)))?
-    } else {
-        build(random_vb(dtype, device))?
-    })
+    Ok(bf16_matmul::build_model(
+        Box::new(RandomWeights),
+        dtype,
+        device,
+        build,
+    )?)
 }
 
 /// Peak resident memory of this process since the last `reset_peak_rss`, in MiB
@@ -276,7 +273,7 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
                 (ClipTextConfig::official_decoder(), 1)
             };
             // the pipelines run the text encoders in f32 whatever the dtype
-            let model = ClipTextModel::new(&cfg, random_vb(DType::F32, device))?;
+            let model = random_model(DType::F32, device, |vb| ClipTextModel::new(&cfg, vb))?;
             let (ids, mask) = prompt_ids(batch, device)?;
             (batch, Box::new(move || Ok(model.forward(&ids, &mask)?)))
         }

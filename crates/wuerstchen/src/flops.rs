@@ -61,42 +61,36 @@ pub fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
 }
 
 impl Linear {
+    fn out_features(&self) -> Result<usize> {
+        match self {
+            Self::F32(layer) => layer.weight().dim(0),
+            Self::Bf16(layer) => Ok(layer.out_features()),
+        }
+    }
+
     /// The layer as a 1x1 convolution on channels-first x (B, in, H, W) -> (B, out, H,
     /// W): `w (out, in) x (in, H*W)` per image, so a block that stays in NCHW needs no
     /// transposes (which cost as much as the product in Stage A).
     pub fn forward_channels_first(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c_in, h, w) = x.dims4()?;
-        let layer = match self {
-            Self::F32(layer) => layer,
-            Self::Bf16(layer) => {
-                add(2 * x.elem_count() * layer.out_features());
-                return layer.forward_channels_first(x);
-            }
-        };
-        let c_out = layer.weight().dim(0)?;
-        add(2 * x.elem_count() * c_out);
-        match layer.bias() {
-            Some(bias) => crate::kernels::pointwise::conv1x1(x, layer.weight(), bias),
-            None => layer
-                .weight()
-                .broadcast_left(b)?
-                .matmul(&x.reshape((b, c_in, h * w))?)?
-                .reshape((b, c_out, h, w)),
+        add(2 * x.elem_count() * self.out_features()?);
+        match self {
+            Self::F32(layer) => match layer.bias() {
+                Some(bias) => crate::kernels::pointwise::conv1x1(x, layer.weight(), bias),
+                None => crate::kernels::pointwise::plain(x, layer.weight(), None),
+            },
+            Self::Bf16(layer) => layer.forward_channels_first(x),
         }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c_out = self.out_features()?;
+        add(2 * x.elem_count() * c_out);
         let layer = match self {
             Self::F32(layer) => layer,
-            Self::Bf16(layer) => {
-                add(2 * x.elem_count() * layer.out_features());
-                return layer.forward(x);
-            }
+            Self::Bf16(layer) => return layer.forward(x),
         };
-        let c_out = layer.weight().dim(0)?;
-        add(2 * x.elem_count() * c_out);
         // candle multiplies a (B, N, C) input batch by batch against the broadcast
         // weight: one small gemm per batch element (N = 77 tokens for CLIP). As one
         // (B*N, C) matrix it is a single gemm with B times the rows.

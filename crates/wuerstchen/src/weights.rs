@@ -111,16 +111,7 @@ impl WeightFiles {
             files: self,
             state: state.clone(),
         };
-        let built = if bf16_matmul::bf16_on_cpu(dtype, device) {
-            let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
-            bf16_matmul::with_bf16_linears(|| build(vb))
-        } else {
-            build(VarBuilder::from_backend(
-                Box::new(backend),
-                dtype,
-                device.clone(),
-            ))
-        };
+        let built = bf16_matmul::build_model(Box::new(backend), dtype, device, build);
         let model = match built {
             Ok(m) => m,
             Err(e) => {

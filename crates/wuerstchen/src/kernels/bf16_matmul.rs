@@ -16,6 +16,8 @@ use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::{contiguous_f32, simd_dispatch, unsupported, SendPtr};
@@ -32,6 +34,24 @@ pub fn with_bf16_linears<T>(build: impl FnOnce() -> T) -> T {
     let out = build();
     BF16_LINEARS.with(|f| f.set(before));
     out
+}
+
+/// Builds a model (`build`) over the weights of `backend`, asked for in `dtype`: bf16
+/// on the CPU reads them as f32 and makes the linear layers bf16
+/// ([`with_bf16_linears`]); any other dtype and device as they are. Loading
+/// (`WeightFiles::build`) and the benchmark's random weights both build through here.
+pub fn build_model<'a, T>(
+    backend: Box<dyn SimpleBackend + 'a>,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder<'a>) -> T,
+) -> T {
+    if bf16_on_cpu(dtype, device) {
+        let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
+        with_bf16_linears(|| build(vb))
+    } else {
+        build(VarBuilder::from_backend(backend, dtype, device.clone()))
+    }
 }
 
 /// Whether models asked for in `dtype` on `device` are built as bf16 linear layers on
@@ -64,17 +84,17 @@ pub fn amx_available() -> bool {
 
 /// A linear layer `x w^T + b` whose weight is stored in bf16.
 #[derive(Debug, Clone)]
-pub struct Bf16Linear {
-    weight: Arc<Weight>,
-    bias: Option<Tensor>,
-}
+pub struct Bf16Linear(Arc<Weight>);
 
 #[derive(Debug)]
 enum Weight {
-    /// For AMX tiles.
-    Tiles(Packed),
-    /// No AMX: the bf16-rounded weight (n, k), for the f32 gemm.
-    Rounded(Tensor),
+    /// For AMX tiles; the bias as the values each task adds.
+    Tiles {
+        packed: Packed,
+        bias: Option<Vec<f32>>,
+    },
+    /// No AMX: candle's layer on the bf16-rounded weight, fed bf16-rounded inputs.
+    Rounded(candle_nn::Linear),
 }
 
 impl Bf16Linear {
@@ -85,78 +105,57 @@ impl Bf16Linear {
 
     fn build(weight: &Tensor, bias: Option<Tensor>, tiles: bool) -> Result<Self> {
         let (n, k) = weight.dims2()?;
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         let w = if tiles {
             let w = weight
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            Weight::Tiles(Packed::new(&w, n, k))
+            Weight::Tiles {
+                packed: Packed::new(&w, n, k),
+                bias: bias.map(|b| b.to_vec1::<f32>()).transpose()?,
+            }
         } else {
-            Weight::Rounded(round_to_bf16(weight)?)
+            Weight::Rounded(candle_nn::Linear::new(round_to_bf16(weight)?, bias))
         };
-        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        Ok(Self {
-            weight: Arc::new(w),
-            bias,
-        })
+        Ok(Self(Arc::new(w)))
     }
 
     /// Output features.
     pub fn out_features(&self) -> usize {
-        match &*self.weight {
-            Weight::Tiles(p) => p.n,
-            Weight::Rounded(t) => t.dims()[0],
+        match &*self.0 {
+            Weight::Tiles { packed, .. } => packed.n,
+            Weight::Rounded(layer) => layer.weight().dims()[0],
         }
     }
 
-    /// The product on AMX tiles, in either layout.
-    fn on_tiles(&self, packed: &Packed, x: &Tensor, channels_first: bool) -> Result<Tensor> {
-        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-        x.contiguous()?.apply_op1_no_bwd(&TileMatmul {
-            packed,
-            bias: bias.as_deref(),
-            channels_first,
-        })
+    /// The product in either layout: on AMX tiles, or from candle's ops.
+    fn product(&self, x: &Tensor, channels_first: bool) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        match &*self.0 {
+            Weight::Tiles { packed, bias } => x.contiguous()?.apply_op1_no_bwd(&TileMatmul {
+                packed,
+                bias: bias.as_deref(),
+                channels_first,
+            }),
+            Weight::Rounded(layer) if channels_first => {
+                super::pointwise::plain(&round_to_bf16(&x)?, layer.weight(), layer.bias())
+            }
+            Weight::Rounded(layer) => layer.forward(&round_to_bf16(&x)?),
+        }
     }
 
     /// The layer as a 1x1 convolution: x (B, in, H, W) -> (B, out, H, W), read and
     /// written channels-first, so a block that stays in NCHW needs no transposes.
     pub fn forward_channels_first(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?;
-        match &*self.weight {
-            Weight::Tiles(packed) => self.on_tiles(packed, &x, true),
-            Weight::Rounded(w) => {
-                let (b, k, h, wd) = x.dims4()?;
-                let x = round_to_bf16(&x)?.reshape((b, k, h * wd))?;
-                let y = w.broadcast_left(b)?.matmul(&x)?;
-                let y = match &self.bias {
-                    Some(bias) => y.broadcast_add(&bias.reshape((w.dims()[0], 1))?)?,
-                    None => y,
-                };
-                y.reshape((b, w.dims()[0], h, wd))
-            }
-        }
+        self.product(x, true)
     }
 }
 
 impl Module for Bf16Linear {
     /// x (.., in) -> (.., out)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?;
-        match &*self.weight {
-            Weight::Tiles(packed) => self.on_tiles(packed, &x, false),
-            Weight::Rounded(w) => {
-                let (rows, k) = (x.elem_count() / w.dims()[1], w.dims()[1]);
-                let y = round_to_bf16(&x)?.reshape((rows, k))?.matmul(&w.t()?)?;
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().unwrap() = w.dims()[0];
-                let y = y.reshape(dims)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
-        }
+        self.product(x, false)
     }
 }
 
@@ -175,9 +174,8 @@ fn bf16_bits(x: f32) -> u16 {
     ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
 }
 
-/// Rows (token layout) or pixels (channels-first) per task. Each task converts this
-/// much of the input to bf16 once and runs it against the whole weight, so the
-/// weight is read from memory once per task.
+/// Rows per task of the token-layout product. Each task converts its rows to bf16
+/// once and runs them against the whole weight, panel by panel.
 const TASK: usize = 64;
 
 /// Elements of one tile: 16 rows of 64 bytes.
@@ -492,17 +490,21 @@ mod amx {
         c_stride: usize,
         accumulate: bool,
     ) {
+        // the four 16 x 16 output tiles of the block, rows `sc` bytes apart
+        let (c0, c1) = (c, c.add(16));
+        let (c2, c3) = (c.add(16 * c_stride), c.add(16 * c_stride + 16));
+        let sc = c_stride * 4;
         if accumulate {
             asm!(
                 "tileloadd tmm0, [{c0} + {sc} * 1]",
                 "tileloadd tmm1, [{c1} + {sc} * 1]",
                 "tileloadd tmm2, [{c2} + {sc} * 1]",
                 "tileloadd tmm3, [{c3} + {sc} * 1]",
-                c0 = in(reg) c,
-                c1 = in(reg) c.add(16),
-                c2 = in(reg) c.add(16 * c_stride),
-                c3 = in(reg) c.add(16 * c_stride + 16),
-                sc = in(reg) c_stride * 4,
+                c0 = in(reg) c0,
+                c1 = in(reg) c1,
+                c2 = in(reg) c2,
+                c3 = in(reg) c3,
+                sc = in(reg) sc,
                 options(nostack, readonly)
             );
         } else {
@@ -539,11 +541,11 @@ mod amx {
             "tilestored [{c1} + {sc} * 1], tmm1",
             "tilestored [{c2} + {sc} * 1], tmm2",
             "tilestored [{c3} + {sc} * 1], tmm3",
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * c_stride),
-            c3 = in(reg) c.add(16 * c_stride + 16),
-            sc = in(reg) c_stride * 4,
+            c0 = in(reg) c0,
+            c1 = in(reg) c1,
+            c2 = in(reg) c2,
+            c3 = in(reg) c3,
+            sc = in(reg) sc,
             options(nostack)
         );
     }
@@ -723,7 +725,7 @@ mod tests {
                 assert_eq!(got.dims(), want.dims());
                 // only the summation order differs: f32 rounding of sums of ~k terms
                 let d = max_diff(&got, &want)?;
-                assert!(d < 1e-5, "{dims:?} x {n}: {d} ({:?})", layer.weight);
+                assert!(d < 1e-5, "{dims:?} x {n}: {d} ({:?})", layer.0);
                 let rel = max_diff(&got, &f32)? / scale;
                 assert!(rel < 2e-2, "{dims:?} x {n}: bf16 vs f32 {rel}");
             }

@@ -15,20 +15,23 @@ pub fn conv1x1(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         x.contiguous()?
             .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Conv1x1)
     } else {
-        plain(x, weight, bias)
+        plain(x, weight, Some(bias))
     }
 }
 
 /// The reference form from candle's differentiable ops: the weight broadcast over the
-/// images (a zero batch stride, no copy), then the bias.
-pub fn plain(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// images (a zero batch stride, no copy), then the bias if there is one.
+pub fn plain(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, k, h, w) = x.dims4()?;
     let n = weight.dim(0)?;
-    weight
+    let y = weight
         .broadcast_left(b)?
-        .matmul(&x.reshape((b, k, h * w))?)?
-        .broadcast_add(&bias.reshape((n, 1))?)?
-        .reshape((b, n, h, w))
+        .matmul(&x.reshape((b, k, h * w))?)?;
+    match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((n, 1))?)?,
+        None => y,
+    }
+    .reshape((b, n, h, w))
 }
 
 struct Conv1x1;
@@ -87,7 +90,8 @@ impl CustomOp3 for Conv1x1 {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [gx, gw, gb] = plain_gradients([x, weight, bias], grad, |[x, w, b]| plain(x, w, b))?;
+        let [gx, gw, gb] =
+            plain_gradients([x, weight, bias], grad, |[x, w, b]| plain(x, w, Some(b)))?;
         Ok((gx, gw, gb))
     }
 }
@@ -105,7 +109,7 @@ mod tests {
             let weight = Var::from_tensor(&random(&[n, k], 2)?)?;
             let bias = Var::from_tensor(&random(&[n], 3)?)?;
             let ours = conv1x1(&x, &weight, &bias)?;
-            let want = plain(&x, &weight, &bias)?;
+            let want = plain(&x, &weight, Some(&bias))?;
             let d = max_diff(&ours, &want)?;
             assert!(d < 1e-5, "({b}, {k}, {h}, {w}) -> {n}: {d}");
             let probe = random(&[b, n, h, w], 4)?;
