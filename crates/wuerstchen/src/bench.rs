@@ -16,7 +16,7 @@ use crate::clip::ClipTextModel;
 use crate::config::{ClipTextConfig, DiffNeXtConfig, PaellaVQConfig, PriorConfig};
 use crate::error::{Error, Result};
 use crate::flops;
-use crate::kernels::bf16_matmul::{self, activation_dtype};
+use crate::kernels::linear_kind::{self, activation_dtype};
 use crate::noise::NoiseSource;
 use crate::pipeline::{
     self, denoise, DecoderPipelineConfig, GenerationParams, PriorPipelineConfig, Stage,
@@ -180,13 +180,13 @@ impl SimpleBackend for RandomWeights {
 }
 
 /// A model with random weights in `dtype`, built as `WeightFiles::build` builds a
-/// loaded one (bf16 on the CPU: bf16 linear layers on f32 activations).
+/// loaded one (packed or bf16 linear layers, as [`linear_kind::build_model`] picks).
 fn random_model<M>(
     dtype: DType,
     device: &Device,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<M> {
-    Ok(bf16_matmul::build_model(
+    Ok(linear_kind::build_model(
         Box::new(RandomWeights),
         dtype,
         device,

@@ -10,7 +10,9 @@ use std::cell::Cell;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
-use crate::kernels::bf16_matmul::{self, Bf16Linear};
+use crate::kernels::bf16_matmul::Bf16Linear;
+use crate::kernels::linear_kind::{self, LinearKind};
+use crate::kernels::packed_linear::PackedLinear;
 
 thread_local! {
     static COUNT: Cell<u64> = const { Cell::new(0) };
@@ -43,27 +45,33 @@ pub fn add_attention(q: &Tensor, k: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// A linear layer: candle's, or one with bf16 weights when built inside
-/// [`with_bf16_linears`](crate::kernels::bf16_matmul::with_bf16_linears).
+/// A linear layer of the kind the model is being built with
+/// ([`linear_kind`](crate::kernels::linear_kind)): candle's, packed f32, or bf16.
 #[derive(Debug, Clone)]
 pub enum Linear {
     F32(candle_nn::Linear),
+    Packed(PackedLinear),
     Bf16(Bf16Linear),
 }
 
 pub fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
-    if bf16_matmul::building_bf16_linears() {
-        let weight = vb.get((c_out, c_in), "weight")?;
-        let bias = vb.get(c_out, "bias")?;
-        return Ok(Linear::Bf16(Bf16Linear::new(&weight, Some(bias))?));
+    let kind = linear_kind::building();
+    if kind == LinearKind::Candle {
+        return candle_nn::linear(c_in, c_out, vb).map(Linear::F32);
     }
-    candle_nn::linear(c_in, c_out, vb).map(Linear::F32)
+    let weight = vb.get((c_out, c_in), "weight")?;
+    let bias = vb.get(c_out, "bias")?;
+    Ok(match kind {
+        LinearKind::Bf16 => Linear::Bf16(Bf16Linear::new(&weight, Some(bias))?),
+        _ => Linear::Packed(PackedLinear::new(&weight, Some(&bias))?),
+    })
 }
 
 impl Linear {
     fn out_features(&self) -> Result<usize> {
         match self {
             Self::F32(layer) => layer.weight().dim(0),
+            Self::Packed(layer) => Ok(layer.out_features()),
             Self::Bf16(layer) => Ok(layer.out_features()),
         }
     }
@@ -78,6 +86,7 @@ impl Linear {
                 Some(bias) => crate::kernels::pointwise::conv1x1(x, layer.weight(), bias),
                 None => crate::kernels::pointwise::plain(x, layer.weight(), None),
             },
+            Self::Packed(layer) => layer.forward_channels_first(x),
             Self::Bf16(layer) => layer.forward_channels_first(x),
         }
     }
@@ -89,6 +98,7 @@ impl Module for Linear {
         add(2 * x.elem_count() * c_out);
         let layer = match self {
             Self::F32(layer) => layer,
+            Self::Packed(layer) => return layer.forward(x),
             Self::Bf16(layer) => return layer.forward(x),
         };
         // candle multiplies a (B, N, C) input batch by batch against the broadcast

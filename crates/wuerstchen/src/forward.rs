@@ -159,7 +159,7 @@ pub fn run_forward(
     let inp = Inputs {
         tensors: inputs,
         component,
-        float_dtype: crate::kernels::bf16_matmul::activation_dtype(dt, device),
+        float_dtype: crate::kernels::linear_kind::activation_dtype(dt, device),
     };
     let out = match component {
         Component::Prior => {

@@ -439,7 +439,7 @@ impl WuerstchenPipeline {
         let dev = self.device.clone();
         let b = params.num_images;
         // bf16 on the CPU: bf16 weights in the linear layers, f32 everywhere else
-        let act = crate::kernels::bf16_matmul::activation_dtype(self.dtype, &dev);
+        let act = crate::kernels::linear_kind::activation_dtype(self.dtype, &dev);
 
         // ---- Stage C: text -> semantic latents
         let prior_cfg = uses_guidance(params.prior_guidance);

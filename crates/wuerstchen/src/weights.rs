@@ -16,7 +16,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-use crate::kernels::bf16_matmul;
+use crate::kernels::linear_kind;
 
 /// Weight file names diffusers and transformers write, in the order we look for them.
 const WEIGHT_FILES: &[&str] = &["diffusion_pytorch_model.safetensors", "model.safetensors"];
@@ -99,7 +99,7 @@ impl WeightFiles {
 
     /// Builds a model from these weights and checks afterwards that every tensor in the
     /// files was used. bf16 on the CPU builds bf16 linear layers on f32 activations
-    /// ([`bf16_matmul`]).
+    /// ([`linear_kind`]); f32 on an AVX-512 CPU packs them for our kernel.
     pub fn build<M>(
         &self,
         dtype: DType,
@@ -111,7 +111,7 @@ impl WeightFiles {
             files: self,
             state: state.clone(),
         };
-        let built = bf16_matmul::build_model(Box::new(backend), dtype, device, build);
+        let built = linear_kind::build_model(Box::new(backend), dtype, device, build);
         let model = match built {
             Ok(m) => m,
             Err(e) => {

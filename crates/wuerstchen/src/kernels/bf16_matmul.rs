@@ -7,74 +7,17 @@
 //! only the two operands of each product: the idea of PyTorch's
 //! `set_float32_matmul_precision("medium")`, applied per linear layer.
 //!
-//! Models get these layers when they are built inside [`with_bf16_linears`]
+//! Models get these layers when they are built as [`LinearKind::Bf16`](super::linear_kind)
 //! (`WeightFiles::build` does so for bf16 on the CPU). The weight is converted once,
 //! at build time, into the tile layout (half the bytes of f32). A CPU without AMX gets
 //! the same arithmetic, bf16-rounded operands summed in f32, from the f32 gemm.
 
-use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{contiguous_f32, simd_dispatch, unsupported, SendPtr};
-
-thread_local! {
-    static BF16_LINEARS: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `build` (a model constructor) so that the linear layers it creates hold bf16
-/// weights ([`Bf16Linear`]). A thread-local scope rather than a global switch: a model
-/// built afterwards, or on another thread (the server), is unaffected.
-pub fn with_bf16_linears<T>(build: impl FnOnce() -> T) -> T {
-    let before = BF16_LINEARS.with(|f| f.replace(true));
-    let out = build();
-    BF16_LINEARS.with(|f| f.set(before));
-    out
-}
-
-/// Builds a model (`build`) over the weights of `backend`, asked for in `dtype`: bf16
-/// on the CPU reads them as f32 and makes the linear layers bf16
-/// ([`with_bf16_linears`]); any other dtype and device as they are. Loading
-/// (`WeightFiles::build`) and the benchmark's random weights both build through here.
-pub fn build_model<'a, T>(
-    backend: Box<dyn SimpleBackend + 'a>,
-    dtype: DType,
-    device: &Device,
-    build: impl FnOnce(VarBuilder<'a>) -> T,
-) -> T {
-    if bf16_on_cpu(dtype, device) {
-        let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
-        with_bf16_linears(|| build(vb))
-    } else {
-        build(VarBuilder::from_backend(backend, dtype, device.clone()))
-    }
-}
-
-/// Whether models asked for in `dtype` on `device` are built as bf16 linear layers on
-/// f32 activations (bf16 on the CPU: candle has no CPU bf16 matmul, and f32 is what
-/// the other kernels are fast in). Activations then run in [`activation_dtype`].
-pub fn bf16_on_cpu(dtype: DType, device: &Device) -> bool {
-    device.is_cpu() && dtype == DType::BF16
-}
-
-/// The dtype a model's inputs and activations take when its weights are asked for
-/// in `dtype`: `dtype` itself, except f32 for bf16 on the CPU.
-pub fn activation_dtype(dtype: DType, device: &Device) -> DType {
-    if bf16_on_cpu(dtype, device) {
-        DType::F32
-    } else {
-        dtype
-    }
-}
-
-/// Whether a linear layer built now should be a [`Bf16Linear`].
-pub fn building_bf16_linears() -> bool {
-    BF16_LINEARS.with(Cell::get)
-}
 
 /// Whether this CPU and kernel let the process use AMX bf16 tiles (checked once).
 pub fn amx_available() -> bool {
@@ -259,24 +202,8 @@ impl CustomOp1 for TileMatmul<'_> {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout).ok_or_else(|| unsupported(self.name()))?;
         let p = self.packed;
-        let mut dims = layout.shape().dims().to_vec();
-        let rank_ok = if self.channels_first {
-            dims.len() == 4
-        } else {
-            !dims.is_empty()
-        };
-        let feature_dim = if self.channels_first {
-            1
-        } else {
-            dims.len().max(1) - 1
-        };
-        if !rank_ok || dims[feature_dim] != p.k {
-            return Err(candle_core::Error::Msg(format!(
-                "bf16-linear: input {:?} does not have the layer's {} features in dimension {feature_dim}",
-                dims, p.k
-            )));
-        }
-        dims[feature_dim] = p.n;
+        let dims =
+            super::linear_output_dims(self.name(), layout.dims(), self.channels_first, p.k, p.n)?;
         let mut out = vec![0f32; x.len() / p.k * p.n];
         if out.is_empty() {
             // no pixels or no rows: nothing to multiply (and no zero-sized chunks)
@@ -797,16 +724,5 @@ mod tests {
         assert_eq!(ours, round_to_bf16(&t)?.to_vec1::<f32>()?);
         assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
         Ok(())
-    }
-
-    #[test]
-    fn layers_are_bf16_only_inside_the_scope() {
-        assert!(!building_bf16_linears());
-        let inner = with_bf16_linears(|| {
-            let nested = with_bf16_linears(building_bf16_linears);
-            (building_bf16_linears(), nested)
-        });
-        assert_eq!(inner, (true, true));
-        assert!(!building_bf16_linears());
     }
 }

@@ -15,6 +15,8 @@ pub mod depthwise;
 pub mod gelu;
 pub mod grn;
 pub mod layer_norm;
+pub mod linear_kind;
+pub mod packed_linear;
 pub mod pointwise;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, Var};
@@ -220,6 +222,34 @@ fn three_f32<'a>(
     ) {
         (Some(a), Some(b), Some(c)) => Ok([a, b, c]),
         _ => Err(unsupported(op)),
+    }
+}
+
+/// The output dims of a linear layer from `k` to `n` features on input `dims`: the
+/// features are dimension 1 of a channels-first (B, C, H, W) input, else the last; an
+/// error names the op when the input's rank or feature count does not fit.
+fn linear_output_dims(
+    op: &str,
+    dims: &[usize],
+    channels_first: bool,
+    k: usize,
+    n: usize,
+) -> Result<Vec<usize>> {
+    let feature_dim = match (channels_first, dims.len()) {
+        (true, 4) => Some(1),
+        (false, rank) if rank > 0 => Some(rank - 1),
+        _ => None,
+    };
+    match feature_dim {
+        Some(d) if dims[d] == k => {
+            let mut out = dims.to_vec();
+            out[d] = n;
+            Ok(out)
+        }
+        _ => candle_core::bail!(
+            "{op}: input {dims:?} does not have the layer's {k} features in dimension {}",
+            if channels_first { "1 of 4" } else { "-1" }
+        ),
     }
 }
 
