@@ -7,7 +7,8 @@
 //! block of queries: scores for that block (one gemm), a softmax in place with a
 //! vectorised exp, and the product with v (a second gemm) — a few MB per task, in
 //! cache, spread over rayon's threads. The normaliser is applied to the output rows
-//! instead of the scores. Backward (training) recomputes the plain form.
+//! instead of the scores. On AVX-512 both products run on our register tile instead
+//! of gemm ([`tiled`]). Backward (training) recomputes the plain form.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -68,6 +69,11 @@ impl CustomOp3 for Sdpa {
         }
         let mut out = vec![0f32; b * h * n * d];
         let scale = self.scale as f32;
+        #[cfg(target_arch = "x86_64")]
+        if super::packed_linear::available() && d % 8 == 0 {
+            tiled::attention(q, k, v, (b * h, n, l, d), scale, &mut out);
+            return Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))));
+        }
         // one task per (head, block of queries); its output rows are its own
         let tasks: Vec<(usize, usize, &mut [f32])> = out
             .chunks_mut(n * d)
@@ -114,6 +120,132 @@ impl CustomOp3 for Sdpa {
     }
 }
 
+/// The same on our AVX-512 register tile, transposed so that the queries are the
+/// vector lanes: per head and block of 48 queries, scores^T (keys x 48) = k q^T, the
+/// softmax down each column (max, exp and sum are then plain vector ops over rows of
+/// 48), and out^T (d x 48) = v^T P^T. Neither k (transposed once per head) nor v is
+/// repacked per block, where the gemm path packed both for every block of queries.
+#[cfg(target_arch = "x86_64")]
+mod tiled {
+    use super::super::tile::{tile, Start};
+    use super::super::with_scratch;
+    use super::*;
+
+    /// Queries per task: the tile's 48 vector lanes.
+    const LANES: usize = 48;
+    /// Keys summed per pass of the second product: a block of P^T (128 x 48 f32, 24
+    /// KiB) stays in L1 while v's columns stream past it.
+    const KEYS: usize = 128;
+
+    /// `out` (heads, n, d) from q (heads, n, d), k and v (heads, l, d); d a multiple
+    /// of 8 (one tile's rows).
+    pub(super) fn attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (heads, n, l, d): (usize, usize, usize, usize),
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        // k^T per head, keys padded to whole tiles of 8: dim c, key j at c * lp + j
+        let lp = l.div_ceil(8) * 8;
+        let mut kt = vec![0f32; heads * d * lp];
+        kt.par_chunks_mut(d * lp)
+            .zip(k.par_chunks(l * d))
+            .for_each(|(kt, k)| {
+                for (j, key) in k.chunks_exact(d).enumerate() {
+                    for (c, &x) in key.iter().enumerate() {
+                        kt[c * lp + j] = x;
+                    }
+                }
+            });
+        out.par_chunks_mut(n * d).enumerate().for_each(|(h, head)| {
+            let (kt, v) = (&kt[h * d * lp..][..d * lp], &v[h * l * d..][..l * d]);
+            head.par_chunks_mut(LANES * d)
+                .enumerate()
+                .for_each(|(block, rows)| {
+                    let q = &q[h * n * d + block * LANES * d..][..rows.len()];
+                    // SAFETY: the caller checked AVX-512; the tiles read kt within its
+                    // padded rows, v's rows c..c + 8 < d, and write only their buffers.
+                    unsafe { queries(q, kt, v, (l, lp, d), scale, rows) }
+                });
+        });
+    }
+
+    /// One head's block of up to 48 queries q (m, d) -> out (m, d).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn queries(
+        q: &[f32],
+        kt: &[f32],
+        v: &[f32],
+        (l, lp, d): (usize, usize, usize),
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        with_scratch(d * LANES * 2 + lp * LANES, |buf| {
+            let (qt, rest) = buf.split_at_mut(d * LANES);
+            let (ot, scores) = rest.split_at_mut(d * LANES);
+            // q^T, scaled: dim c, query i at c * 48 + i, zero past the block's queries
+            qt.fill(0.0);
+            for (i, row) in q.chunks_exact(d).enumerate() {
+                for (c, &x) in row.iter().enumerate() {
+                    qt[c * LANES + i] = x * scale;
+                }
+            }
+            // scores^T (keys, 48) = k q^T, 8 keys per tile
+            for j in (0..l).step_by(8) {
+                tile::<8, 3>(
+                    d,
+                    kt.as_ptr().add(j),
+                    lp,
+                    qt.as_ptr(),
+                    scores.as_mut_ptr().add(j * LANES),
+                    LANES,
+                    (8.min(l - j), LANES),
+                    Start::Zero,
+                );
+            }
+            // softmax down each column: e^(s - max), and the column sums
+            let scores = &mut scores[..l * LANES];
+            let mut top = [f32::NEG_INFINITY; LANES];
+            for row in scores.chunks_exact(LANES) {
+                for (t, &x) in top.iter_mut().zip(row) {
+                    *t = t.max(x);
+                }
+            }
+            let mut sums = [0f32; LANES];
+            for row in scores.chunks_exact_mut(LANES) {
+                for ((x, &t), sum) in row.iter_mut().zip(&top).zip(&mut sums) {
+                    *x = exp(*x - t);
+                    *sum += *x;
+                }
+            }
+            // out^T (d, 48) = v^T P^T: 8 dims per tile, keys in blocks
+            for k0 in (0..l).step_by(KEYS) {
+                let start = if k0 == 0 { Start::Zero } else { Start::Output };
+                for c in (0..d).step_by(8) {
+                    tile::<8, 3>(
+                        KEYS.min(l - k0),
+                        v.as_ptr().add(k0 * d + c),
+                        d,
+                        scores.as_ptr().add(k0 * LANES),
+                        ot.as_mut_ptr().add(c * LANES),
+                        LANES,
+                        (8, LANES),
+                        start,
+                    );
+                }
+            }
+            for (i, row) in out.chunks_exact_mut(d).enumerate() {
+                let norm = 1.0 / sums[i];
+                for (c, o) in row.iter_mut().enumerate() {
+                    *o = ot[c * LANES + i] * norm;
+                }
+            }
+        })
+    }
+}
+
 /// exp(x - max) in place over a row of scores; returns the sum.
 fn exp_normalised(row: &mut [f32]) -> f32 {
     let max = max(row);
@@ -137,16 +269,20 @@ simd_dispatch! {
 fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // adding and subtracting 1.5 * 2^23 rounds to the nearest integer
+    // adding 1.5 * 2^23 rounds to the nearest integer, which then sits in the low
+    // mantissa bits: subtracting the constant's bits yields n as an integer with no
+    // float-to-int cast (Rust's saturating `as i32` does not vectorise)
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 0.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 720.0;
     for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = p * r + c;
     }
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+    let two_n = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23;
+    f32::from_bits(two_n) * p
 }
 
 #[cfg(test)]
@@ -168,16 +304,23 @@ mod tests {
     #[test]
     fn equals_the_plain_form() -> Result<()> {
         // several query blocks with a ragged last one, and a key count like Stage B's
-        // (image tokens + 77 text tokens)
-        for (n, l) in [(300, 377), (5, 3), (128, 128)] {
-            let q = random(&[2, 3, n, 16], 1)?;
-            let k = (random(&[2, 3, l, 16], 2)? * 4.0)?;
-            let v = random(&[2, 3, l, 16], 3)?;
+        // (image tokens + 77 text tokens); a head width that is not a whole number of
+        // tiles (the gemm path), several key blocks of the tiled path
+        for (n, l, d) in [
+            (300, 377, 16),
+            (5, 3, 16),
+            (128, 128, 16),
+            (50, 70, 12),
+            (49, 300, 64),
+        ] {
+            let q = random(&[2, 3, n, d], 1)?;
+            let k = (random(&[2, 3, l, d], 2)? * 4.0)?;
+            let v = random(&[2, 3, l, d], 3)?;
             let ours = attention(&q, &k, &v, 0.25)?;
             let want = plain(&q, &k, &v, 0.25)?;
             assert_eq!(ours.dims(), want.dims());
-            let d = max_diff(&ours, &want)?;
-            assert!(d < 2e-6, "n {n}, l {l}: max difference {d}");
+            let diff = max_diff(&ours, &want)?;
+            assert!(diff < 2e-6, "n {n}, l {l}, d {d}: max difference {diff}");
         }
         Ok(())
     }

@@ -18,6 +18,10 @@ pub mod layer_norm;
 pub mod linear_kind;
 pub mod packed_linear;
 pub mod pointwise;
+#[cfg(target_arch = "x86_64")]
+mod tile;
+
+use std::cell::RefCell;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, Var};
 
@@ -116,6 +120,49 @@ impl SendPtr {
     pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
+}
+
+/// f32 values whose first one starts a cache line: the kernel's vector loads are then
+/// aligned (an unaligned one reads two lines), where a `Vec<f32>` from malloc is only
+/// 16-byte aligned.
+#[derive(Debug)]
+pub(crate) struct Aligned {
+    data: Vec<f32>,
+    offset: usize,
+    len: usize,
+}
+
+impl Aligned {
+    pub(crate) fn zeros(len: usize) -> Self {
+        let data = vec![0f32; len + 15];
+        let offset = data.as_ptr().align_offset(64);
+        Self { data, offset, len }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[f32] {
+        &self.data[self.offset..][..self.len]
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.data[self.offset..][..self.len]
+    }
+}
+
+thread_local! {
+    /// Each worker thread's buffer for what its task repacks (a kernel takes one at a
+    /// time: the fast paths do not nest).
+    static SCRATCH: RefCell<Aligned> = RefCell::new(Aligned::zeros(0));
+}
+
+/// Runs `f` on this thread's scratch buffer, at least `len` long.
+pub(crate) fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len < len {
+            *s = Aligned::zeros(len);
+        }
+        f(&mut s.as_mut_slice()[..len])
+    })
 }
 
 /// Elements per task when a kernel splits work over rayon's threads: large enough

@@ -19,13 +19,12 @@
 //! start on cache lines ([`Aligned`]). A CPU without AVX-512 gets candle's layer (the
 //! caller builds [`LinearKind::Candle`](super::linear_kind) there).
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, linear_output_dims, unsupported, SendPtr};
+use super::{contiguous_f32, linear_output_dims, unsupported, with_scratch, Aligned, SendPtr};
 
 /// Outputs per weight panel: two AVX-512 vectors.
 const PANEL: usize = 32;
@@ -98,14 +97,25 @@ impl PackedLinear {
             )
         }
         let np = n.div_ceil(PANEL) * PANEL;
-        let w = weight.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let w = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let mut panels = Aligned::zeros(np * k);
-        for (j, row) in w.iter().enumerate() {
-            let panel = &mut panels.as_mut_slice()[(j / PANEL) * k * PANEL + j % PANEL..];
-            for (c, &v) in row.iter().enumerate() {
-                panel[c * PANEL] = v;
-            }
-        }
+        // panel by panel on rayon's threads (loading a model packs GBs), each written
+        // in order while its 32 rows of w are read side by side
+        panels
+            .as_mut_slice()
+            .par_chunks_mut(k * PANEL)
+            .zip(w.par_chunks(k * PANEL))
+            .for_each(|(panel, rows)| {
+                let count = rows.len() / k;
+                for (c, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
+                    for (j, d) in dst[..count].iter_mut().enumerate() {
+                        *d = rows[j * k + c];
+                    }
+                }
+            });
         let mut padded = vec![0f32; np];
         if let Some(b) = bias {
             let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -218,32 +228,6 @@ impl CustomOp1 for PanelMatmul<'_> {
     }
 }
 
-/// f32 values whose first one starts a cache line: the kernel's vector loads are then
-/// aligned (an unaligned one reads two lines), where a `Vec<f32>` from malloc is only
-/// 16-byte aligned.
-#[derive(Debug)]
-struct Aligned {
-    data: Vec<f32>,
-    offset: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn zeros(len: usize) -> Self {
-        let data = vec![0f32; len + 15];
-        let offset = data.as_ptr().align_offset(64);
-        Self { data, offset, len }
-    }
-
-    fn as_slice(&self) -> &[f32] {
-        &self.data[self.offset..][..self.len]
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [f32] {
-        &mut self.data[self.offset..][..self.len]
-    }
-}
-
 /// One channels-first task: some outputs of some pixels of one image (k, plane).
 struct PixelTask<'a> {
     x: &'a [f32],
@@ -252,91 +236,12 @@ struct PixelTask<'a> {
     pixels: std::ops::Range<usize>,
 }
 
-thread_local! {
-    /// Each worker thread's buffer for the block of activations its task repacks.
-    static SCRATCH: RefCell<Aligned> = RefCell::new(Aligned::zeros(0));
-}
-
-/// Runs `f` on this thread's scratch buffer, at least `len` long.
-fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len < len {
-            *s = Aligned::zeros(len);
-        }
-        f(&mut s.as_mut_slice()[..len])
-    })
-}
-
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     use std::arch::x86_64::*;
 
+    use super::super::tile::{tile, Start};
     use super::*;
-
-    /// What a tile's sums start from.
-    #[derive(Clone, Copy)]
-    enum Start {
-        /// The output as a previous depth block left it.
-        Output,
-        /// The bias of each column (token layout: a column per output).
-        ColumnBias(*const f32),
-        /// The bias of each row (channels-first: a row per output).
-        RowBias(*const f32),
-    }
-
-    /// `c[r][j] = start + sum over d < depth of a[d * a_step + r] * b[d * 16 NV + j]`
-    /// for the tile's `rows` x `cols` corner of R x 16 NV (the packed operands are
-    /// zero-padded to whole tiles; only the corner is read from or written to `c`,
-    /// whose rows are `ldc` apart). The R x NV accumulators live in registers.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const R: usize, const NV: usize>(
-        depth: usize,
-        a: *const f32,
-        a_step: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        (rows, cols): (usize, usize),
-        start: Start,
-    ) {
-        let mask = |v: usize| -> __mmask16 {
-            let left = cols.saturating_sub(v * 16).min(16);
-            ((1u32 << left) - 1) as __mmask16
-        };
-        let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        for (r, row) in acc.iter_mut().enumerate() {
-            for (v, acc) in row.iter_mut().enumerate() {
-                *acc = match start {
-                    Start::Output if r < rows => {
-                        _mm512_maskz_loadu_ps(mask(v), c.add(r * ldc + v * 16))
-                    }
-                    Start::Output => _mm512_setzero_ps(),
-                    Start::ColumnBias(bias) => _mm512_loadu_ps(bias.add(v * 16)),
-                    Start::RowBias(bias) => _mm512_set1_ps(*bias.add(r)),
-                };
-            }
-        }
-        for d in 0..depth {
-            let bd = b.add(d * NV * 16);
-            let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(bd.add(v * 16)));
-            let ad = a.add(d * a_step);
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*ad.add(r));
-                for (acc, &bv) in row.iter_mut().zip(&bv) {
-                    *acc = _mm512_fmadd_ps(av, bv, *acc);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            if r < rows {
-                for (v, &acc) in row.iter().enumerate() {
-                    _mm512_mask_storeu_ps(c.add(r * ldc + v * 16), mask(v), acc);
-                }
-            }
-        }
-    }
 
     /// Token layout: `out[rows, outputs] = x[rows] w[outputs]^T + b`, with `a` all
     /// rows packed as tiles and `out` the whole (m, n) output.
