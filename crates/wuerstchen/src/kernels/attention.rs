@@ -68,6 +68,14 @@ impl CustomOp3 for Sdpa {
             )
         }
         let mut out = vec![0f32; b * h * n * d];
+        if l == 0 {
+            // a softmax over nothing (the plain form fails in its max as well)
+            candle_core::bail!("attention: no keys to attend to (k {:?})", l2.shape())
+        }
+        if out.is_empty() {
+            // no queries (and no zero-sized chunks below)
+            return Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))));
+        }
         let scale = self.scale as f32;
         #[cfg(target_arch = "x86_64")]
         if super::packed_linear::available() && d % 8 == 0 {
@@ -322,6 +330,11 @@ mod tests {
             let diff = max_diff(&ours, &want)?;
             assert!(diff < 2e-6, "n {n}, l {l}, d {d}: max difference {diff}");
         }
+        // no queries: an empty output; no keys: an error, not a panic
+        let (q, k) = (random(&[1, 2, 0, 8], 1)?, random(&[1, 2, 5, 8], 2)?);
+        assert_eq!(attention(&q, &k, &k, 0.5)?.dims(), &[1, 2, 0, 8]);
+        let (q, k) = (random(&[1, 2, 4, 8], 1)?, random(&[1, 2, 0, 8], 2)?);
+        assert!(attention(&q, &k, &k, 0.5).is_err());
         Ok(())
     }
 
