@@ -55,15 +55,19 @@ pub enum Linear {
 }
 
 pub fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
-    let kind = linear_kind::building();
-    if kind == LinearKind::Candle {
-        return candle_nn::linear(c_in, c_out, vb).map(Linear::F32);
-    }
-    let weight = vb.get((c_out, c_in), "weight")?;
-    let bias = vb.get(c_out, "bias")?;
-    Ok(match kind {
-        LinearKind::Bf16 => Linear::Bf16(Bf16Linear::new(&weight, Some(bias))?),
-        _ => Linear::Packed(PackedLinear::new(&weight, Some(&bias))?),
+    let tensors = |vb: VarBuilder| -> Result<(Tensor, Tensor)> {
+        Ok((vb.get((c_out, c_in), "weight")?, vb.get(c_out, "bias")?))
+    };
+    Ok(match linear_kind::building() {
+        LinearKind::Candle => Linear::F32(candle_nn::linear(c_in, c_out, vb)?),
+        LinearKind::PackedF32 => {
+            let (weight, bias) = tensors(vb)?;
+            Linear::Packed(PackedLinear::new(&weight, Some(&bias))?)
+        }
+        LinearKind::Bf16 => {
+            let (weight, bias) = tensors(vb)?;
+            Linear::Bf16(Bf16Linear::new(&weight, Some(bias))?)
+        }
     })
 }
 

@@ -67,11 +67,11 @@ impl CustomOp3 for Sdpa {
                 l3.shape()
             )
         }
-        let mut out = vec![0f32; b * h * n * d];
         if l == 0 {
             // a softmax over nothing (the plain form fails in its max as well)
             candle_core::bail!("attention: no keys to attend to (k {:?})", l2.shape())
         }
+        let mut out = vec![0f32; b * h * n * d];
         if out.is_empty() {
             // no queries (and no zero-sized chunks below)
             return Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))));
