@@ -97,35 +97,35 @@ def prompt_ids(batch):
     return ids, mask
 
 
-def build(component, w, h, dtype):
+def build(component, w, h, dtype, dev):
     (ph, pw), (dh, dw) = latent_sizes(w, h)
     g = torch.Generator().manual_seed(1)
-    rand = lambda *s: torch.randn(*s, generator=g).to(dtype)
+    rand = lambda *s: torch.randn(*s, generator=g).to(dev, dtype)
     if component == "prior":
-        m = prior_model().to(dtype)
-        x, r, c = rand(2, 16, ph, pw), torch.full((2,), 0.5).to(dtype), rand(2, 77, 1280)
+        m = prior_model().to(dev, dtype)
+        x, r, c = rand(2, 16, ph, pw), torch.full((2,), 0.5).to(dev, dtype), rand(2, 77, 1280)
         return 2, lambda: m(x, r, c)
     if component == "decoder":
-        m = decoder_model().to(dtype)
-        x, r = rand(1, 4, dh, dw), torch.full((1,), 0.5).to(dtype)
+        m = decoder_model().to(dev, dtype)
+        x, r = rand(1, 4, dh, dw), torch.full((1,), 0.5).to(dev, dtype)
         eff, c = rand(1, 16, ph, pw), rand(1, 77, 1024)
         return 1, lambda: m(x, r, eff, c)
     if component == "vqgan-decode":
-        m = vqgan_model().to(dtype)
+        m = vqgan_model().to(dev, dtype)
         x = rand(1, 4, dh, dw)
         return 1, lambda: m.decode(x).sample
     if component in ("prior-text-encoder", "decoder-text-encoder"):
         prior = component == "prior-text-encoder"
-        m = clip("prior" if prior else "decoder")  # the pipelines keep them in f32
+        m = clip("prior" if prior else "decoder").to(dev)  # the pipelines keep them in f32
         batch = 2 if prior else 1
-        ids, mask = prompt_ids(batch)
+        ids, mask = (t.to(dev) for t in prompt_ids(batch))
         return batch, lambda: m(ids, attention_mask=mask).last_hidden_state
     if component == "pipeline":
-        return 1, pipeline(w, h, dtype)
+        return 1, pipeline(w, h, dtype, dev)
     sys.exit(f"unknown component `{component}` (one of {', '.join(COMPONENTS)})")
 
 
-def pipeline(w, h, dtype):
+def pipeline(w, h, dtype, dev):
     w = wuerstchen()
     DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPriorPipeline = w.DEFAULT_STAGE_C_TIMESTEPS, w.WuerstchenPriorPipeline
     WuerstchenDecoderPipeline = w.WuerstchenDecoderPipeline
@@ -133,16 +133,25 @@ def pipeline(w, h, dtype):
     from transformers import CLIPTokenizer
     tok = CLIPTokenizer.from_pretrained(TOKENIZER)
 
+    def prior_pipe():
+        return WuerstchenPriorPipeline(prior=prior_model().to(dtype), text_encoder=clip("prior"), tokenizer=tok,
+                                       scheduler=DDPMWuerstchenScheduler()).to(dev)
+
+    def decoder_pipe():
+        return WuerstchenDecoderPipeline(decoder=decoder_model().to(dtype), text_encoder=clip("decoder"),
+                                         tokenizer=tok, vqgan=vqgan_model().to(dtype),
+                                         scheduler=DDPMWuerstchenScheduler()).to(dev)
+
+    # on a GPU both stay resident, built once, as `wuerstchen bench` keeps them there
+    resident = (prior_pipe(), decoder_pipe()) if dev.type == "cuda" else None
+
     def run():
-        # one stage built at a time, as `wuerstchen bench` does
-        prior = WuerstchenPriorPipeline(prior=prior_model().to(dtype), text_encoder=clip("prior"), tokenizer=tok,
-                                        scheduler=DDPMWuerstchenScheduler())
+        # on the CPU one stage built at a time, as `wuerstchen bench` does
+        prior = resident[0] if resident else prior_pipe()
         emb = prior(prompt="a photo", height=h, width=w, timesteps=DEFAULT_STAGE_C_TIMESTEPS,
                     guidance_scale=4.0, output_type="pt").image_embeddings
         del prior
-        dec = WuerstchenDecoderPipeline(decoder=decoder_model().to(dtype), text_encoder=clip("decoder"),
-                                        tokenizer=tok, vqgan=vqgan_model().to(dtype),
-                                        scheduler=DDPMWuerstchenScheduler())
+        dec = resident[1] if resident else decoder_pipe()
         return dec(image_embeddings=emb.to(dtype), prompt="a photo", num_inference_steps=12, guidance_scale=0.0,
                    output_type="pt").images
     return run
@@ -150,7 +159,17 @@ def pipeline(w, h, dtype):
 
 def bench(component, a, dtype):
     reset_peak_rss()
-    batch, call = build(component, a.width, a.height, dtype)
+    cuda = a.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    built_batch, built_call = build(component, a.width, a.height, dtype, torch.device(a.device))
+
+    def call():  # a GPU call is timed until its kernels finish
+        out = built_call()
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+    batch = built_batch
     with torch.inference_mode():
         for _ in range(a.warmup):
             call()
@@ -181,6 +200,7 @@ def main():
     p.add_argument("--threads", type=int)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     if a.threads:

@@ -5,15 +5,20 @@
 #
 #   scripts/compare_speed.sh [bench flags...]     e.g. --component prior --threads 2
 #
-# PYTHON names the interpreter that has torch + diffusers (default: python3).
+# PYTHON names the interpreter that has torch + diffusers (default: python3);
+# WUERSTCHEN a prebuilt binary to time instead of building one (a machine without
+# cargo, such as a GPU box given a `--features cuda` build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-cargo build --release --quiet -p wuerstchen-cli
-target/release/wuerstchen bench "$@" --json > "$out/ours.json"
+if [ -z "${WUERSTCHEN:-}" ]; then
+    cargo build --release --quiet -p wuerstchen-cli
+    WUERSTCHEN=target/release/wuerstchen
+fi
+"$WUERSTCHEN" bench "$@" --json > "$out/ours.json"
 "$PYTHON" scripts/bench_reference.py "$@" --json > "$out/reference.json"
 
 "$PYTHON" - "$out/ours.json" "$out/reference.json" <<'PY'
