@@ -172,8 +172,12 @@ impl CustomOp1 for PanelMatmul<'_> {
         let x = contiguous_f32(storage, layout).ok_or_else(|| unsupported(self.name()))?;
         let p = self.packed;
         let dims = linear_output_dims(self.name(), layout.dims(), self.channels_first, p.k, p.n)?;
-        let mut out = vec![0f32; x.len() / p.k * p.n];
-        if out.is_empty() {
+        let len = x.len() / p.k * p.n;
+        // every element is written by exactly one task (through `dst`) before
+        // `set_len` below: the zeroing pass of `vec![0.0; len]` would be a wasted sweep
+        // over up to 100 MB per call
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        if len == 0 {
             // no rows or pixels: nothing to multiply
         } else if self.channels_first {
             let plane = dims[2] * dims[3];
@@ -224,6 +228,9 @@ impl CustomOp1 for PanelMatmul<'_> {
                 unsafe { kernel::rows(p, a.as_slice(), rows, outputs, dst.get()) }
             });
         }
+        // SAFETY: the tasks cover all rows (or images and pixels) x all outputs, and
+        // each tile stores its whole corner in its first depth block.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
