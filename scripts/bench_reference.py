@@ -126,9 +126,9 @@ def build(component, w, h, dtype, dev):
 
 
 def pipeline(w, h, dtype, dev):
-    w = wuerstchen()
-    DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPriorPipeline = w.DEFAULT_STAGE_C_TIMESTEPS, w.WuerstchenPriorPipeline
-    WuerstchenDecoderPipeline = w.WuerstchenDecoderPipeline
+    module = wuerstchen()  # not `w`: that is the width
+    DEFAULT_STAGE_C_TIMESTEPS = module.DEFAULT_STAGE_C_TIMESTEPS
+    WuerstchenPriorPipeline, WuerstchenDecoderPipeline = module.WuerstchenPriorPipeline, module.WuerstchenDecoderPipeline
     from diffusers import DDPMWuerstchenScheduler
     from transformers import CLIPTokenizer
     tok = CLIPTokenizer.from_pretrained(TOKENIZER)
