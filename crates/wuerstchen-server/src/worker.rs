@@ -241,17 +241,20 @@ impl Shared {
 
 /// Opens the pipeline, then runs predictions until `stop`. Call on its own thread.
 pub fn run(shared: Arc<Shared>, spec: ModelSpec) {
-    let pipeline =
-        match WuerstchenPipeline::open(&spec.prior, &spec.decoder, spec.device, spec.dtype) {
-            Ok(p) => p,
-            Err(e) => {
-                let mut s = shared.setup.lock().unwrap_or_else(|e| e.into_inner());
-                s.status = SetupStatus::Failed;
-                s.completed_at = Some(now_rfc3339());
-                s.logs = format!("{e}\n");
-                return;
-            }
-        };
+    // the models are loaded once, in the setup, and serve every prediction
+    let opened = WuerstchenPipeline::open(&spec.prior, &spec.decoder, spec.device, spec.dtype)
+        .map(|p| p.keep_loaded(true))
+        .and_then(|p| p.preload().map(|()| p));
+    let pipeline = match opened {
+        Ok(p) => p,
+        Err(e) => {
+            let mut s = shared.setup.lock().unwrap_or_else(|e| e.into_inner());
+            s.status = SetupStatus::Failed;
+            s.completed_at = Some(now_rfc3339());
+            s.logs = format!("{e}\n");
+            return;
+        }
+    };
     {
         let mut s = shared.setup.lock().unwrap_or_else(|e| e.into_inner());
         s.defaults = pipeline.defaults();

@@ -508,6 +508,43 @@ async fn setup_failure_is_reported_and_predictions_get_503() {
     app.stop().await;
 }
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        // following links: the fixture's tokenizer/ links to the shared one
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The setup loads every model: damaged weights fail it, naming the file, instead of
+/// failing the first prediction that reaches them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_weights_fail_the_setup() {
+    let dir = std::env::temp_dir().join(format!("wuerstchen-damaged-{}", std::process::id()));
+    copy_dir(&fixtures().join("decoder"), &dir);
+    let vqgan = dir.join("vqgan/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&vqgan).unwrap();
+    std::fs::write(&vqgan, &bytes[..bytes.len() / 2]).unwrap();
+    let mut bad = spec();
+    bad.decoder = dir.clone();
+    let app = App::start(bad, 0).await;
+    let (_, h) = app.get("/health-check").await;
+    assert_eq!(h["status"], "SETUP_FAILED", "{h}");
+    let logs = h["setup"]["logs"].as_str().unwrap();
+    assert!(
+        logs.contains("diffusion_pytorch_model.safetensors"),
+        "{logs}"
+    );
+    app.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Collects the JSON bodies POSTed to a loopback listener.
 async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -5,6 +5,7 @@
 //! that of the largest stage, not of all of them.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -244,6 +245,19 @@ pub struct WuerstchenPipeline {
     decoder: DiffNeXtConfig,
     pub device: Device,
     pub dtype: DType,
+    /// Models kept between `generate` calls (shared by clones), when `keep_loaded`.
+    loaded: Arc<Loaded>,
+    keep_loaded: bool,
+}
+
+/// The five models of a pipeline that keeps them loaded, each once its stage first ran.
+#[derive(Debug, Default)]
+struct Loaded {
+    prior_text: Mutex<Option<ClipTextModel>>,
+    decoder_text: Mutex<Option<ClipTextModel>>,
+    prior: Mutex<Option<WuerstchenPrior>>,
+    decoder: Mutex<Option<WuerstchenDiffNeXt>>,
+    vqgan: Mutex<Option<PaellaVQModel>>,
 }
 
 fn require_dirs(root: &Path, flag: &str, parts: &[&str]) -> Result<()> {
@@ -268,6 +282,10 @@ fn require_dirs(root: &Path, flag: &str, parts: &[&str]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn kept<T>(slot: &Mutex<Option<T>>) -> bool {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).is_some()
 }
 
 fn optional_json<T: Default + serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -306,9 +324,99 @@ impl WuerstchenPipeline {
             decoder_dir: decoder_dir.to_path_buf(),
             prior_c_in: prior.c_in,
             decoder,
+            keep_loaded: !device.is_cpu(),
             device,
             dtype,
+            loaded: Arc::default(),
         })
+    }
+
+    /// Whether `generate` keeps each model loaded for the next call, all five resident
+    /// (the server: no reload per prediction; a GPU, where loading would take longer
+    /// than the image), or loads each stage when it runs and drops it after, one
+    /// resident at a time (the CPU default: a third of the peak memory). Either way
+    /// gives the same images.
+    pub fn keep_loaded(mut self, keep: bool) -> Self {
+        self.keep_loaded = keep;
+        self
+    }
+
+    /// Loads all five models now, where the pipeline keeps them (else nothing to do):
+    /// a server's setup, so that bad weights fail the setup rather than the first
+    /// prediction, which then does not wait for them.
+    pub fn preload(&self) -> Result<()> {
+        if self.keep_loaded {
+            self.text_encoder(&self.prior_dir, &self.loaded.prior_text)?;
+            self.prior()?;
+            self.text_encoder(&self.decoder_dir, &self.loaded.decoder_text)?;
+            self.decoder()?;
+            self.vqgan()?;
+        }
+        Ok(())
+    }
+
+    fn text_encoder(
+        &self,
+        root: &Path,
+        slot: &Mutex<Option<ClipTextModel>>,
+    ) -> Result<ClipTextModel> {
+        self.model(slot, || {
+            Ok(ClipTextModel::load(&root.join("text_encoder"), DType::F32, &self.device)?.0)
+        })
+    }
+
+    fn prior(&self) -> Result<WuerstchenPrior> {
+        self.model(&self.loaded.prior, || {
+            Ok(WuerstchenPrior::load(&self.prior_dir.join("prior"), self.dtype, &self.device)?.0)
+        })
+    }
+
+    fn decoder(&self) -> Result<WuerstchenDiffNeXt> {
+        self.model(&self.loaded.decoder, || {
+            let dir = self.decoder_dir.join("decoder");
+            Ok(WuerstchenDiffNeXt::load(&dir, self.dtype, &self.device)?.0)
+        })
+    }
+
+    fn vqgan(&self) -> Result<PaellaVQModel> {
+        self.model(&self.loaded.vqgan, || {
+            Ok(PaellaVQModel::load(&self.decoder_dir.join("vqgan"), self.dtype, &self.device)?.0)
+        })
+    }
+
+    /// How many of the five models are loaded and kept now.
+    pub fn loaded_models(&self) -> usize {
+        let l = &self.loaded;
+        [
+            kept(&l.prior_text),
+            kept(&l.decoder_text),
+            kept(&l.prior),
+            kept(&l.decoder),
+            kept(&l.vqgan),
+        ]
+        .into_iter()
+        .filter(|&k| k)
+        .count()
+    }
+
+    /// `load`'s model, or the one an earlier call kept in `slot`; kept for the next
+    /// call when the pipeline keeps its models loaded. (Models share their tensors
+    /// between clones: a clone costs no copy.)
+    fn model<T: Clone>(
+        &self,
+        slot: &Mutex<Option<T>>,
+        load: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        if !self.keep_loaded {
+            return load();
+        }
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(model) = slot.as_ref() {
+            return Ok(model.clone());
+        }
+        let model = load()?;
+        *slot = Some(model.clone());
+        Ok(model)
     }
 
     /// (width, height) used when the caller gives none: the prior folder's declared
@@ -403,12 +511,12 @@ impl WuerstchenPipeline {
     fn encode_text(
         &self,
         root: &Path,
+        slot: &Mutex<Option<ClipTextModel>>,
         params: &GenerationParams,
         guidance: bool,
     ) -> Result<Tensor> {
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
-        let (encoder, _) =
-            ClipTextModel::load(&root.join("text_encoder"), DType::F32, &self.device)?;
+        let encoder = self.text_encoder(root, slot)?;
         let mut prompts = vec![params.prompt.as_str()];
         if guidance {
             prompts.push(params.negative_prompt.as_str());
@@ -444,9 +552,9 @@ impl WuerstchenPipeline {
         // ---- Stage C: text -> semantic latents
         let prior_cfg = uses_guidance(params.prior_guidance);
         let text = self
-            .encode_text(&self.prior_dir, params, prior_cfg)?
+            .encode_text(&self.prior_dir, &self.loaded.prior_text, params, prior_cfg)?
             .to_dtype(act)?;
-        let (prior, _) = WuerstchenPrior::load(&self.prior_dir.join("prior"), self.dtype, &dev)?;
+        let prior = self.prior()?;
         let mut sched = self.scheduler(&self.prior_dir)?;
         match params.prior_steps {
             Some(n) => sched.set_steps(n),
@@ -473,7 +581,12 @@ impl WuerstchenPipeline {
         // ---- Stage B: semantic latents + text -> Stage A latents
         let dec_cfg = uses_guidance(params.decoder_guidance);
         let clip = self
-            .encode_text(&self.decoder_dir, params, dec_cfg)?
+            .encode_text(
+                &self.decoder_dir,
+                &self.loaded.decoder_text,
+                params,
+                dec_cfg,
+            )?
             .to_dtype(act)?;
         let effnet = if dec_cfg {
             Tensor::cat(&[&image_embeddings, &image_embeddings.zeros_like()?], 0)?
@@ -481,8 +594,7 @@ impl WuerstchenPipeline {
             image_embeddings
         }
         .to_dtype(act)?;
-        let (decoder, _) =
-            WuerstchenDiffNeXt::load(&self.decoder_dir.join("decoder"), self.dtype, &dev)?;
+        let decoder = self.decoder()?;
         let mut sched = self.scheduler(&self.decoder_dir)?;
         sched.set_steps(params.decoder_steps);
         let shape = [b, self.decoder.c_in, sizes.decoder.0, sizes.decoder.1];
@@ -502,7 +614,7 @@ impl WuerstchenPipeline {
         crate::memory::release_free_memory();
 
         // ---- Stage A: latents -> pixels
-        let (vqgan, _) = PaellaVQModel::load(&self.decoder_dir.join("vqgan"), self.dtype, &dev)?;
+        let vqgan = self.vqgan()?;
         let scaled = (latents * vqgan.scale_factor)?.to_dtype(act)?;
         let images = vqgan.decode_tiled(&scaled, false, crate::stage_a::PIPELINE_DECODE_TILE)?;
         tensor_to_images(&images.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)

@@ -14,7 +14,8 @@
 use candle_core::{DType, Device};
 use wuerstchen::analysis::{evaluate, Evaluation, EVAL_SEED};
 use wuerstchen::default_model;
-use wuerstchen::pipeline::WuerstchenPipeline;
+use wuerstchen::noise::NoiseSource;
+use wuerstchen::pipeline::{GenerationParams, WuerstchenPipeline};
 
 fn evaluate_default_model(tag: &str) -> Evaluation {
     let root = std::env::temp_dir().join(format!("wuerstchen-{tag}-{}", std::process::id()));
@@ -69,4 +70,45 @@ fn the_default_model_draws_what_it_is_told() {
         "background below 90%\n{eval}"
     );
     assert!(eval.shape.accuracy() >= 0.75, "shape below 75%\n{eval}");
+}
+
+/// A pipeline that keeps its models loaded between calls (the server's, a GPU's) gives
+/// the images of one that loads each stage per call, and holds all five models after
+/// its first call where the other holds none.
+#[test]
+fn keeping_the_models_loaded_gives_the_same_images() {
+    let root = std::env::temp_dir().join(format!("wuerstchen-keep-{}", std::process::id()));
+    let dir = default_model::materialize_in(&root).unwrap();
+    let open = |keep: bool| {
+        WuerstchenPipeline::open(
+            &dir.join("prior"),
+            &dir.join("decoder"),
+            Device::Cpu,
+            DType::F32,
+        )
+        .unwrap()
+        .keep_loaded(keep)
+    };
+    let (per_call, kept) = (open(false), open(true));
+    let params = GenerationParams {
+        prompt: "a red circle on a blue background".into(),
+        ..per_call.defaults()
+    };
+    let generate = |p: &WuerstchenPipeline, seed: u64| {
+        p.generate(
+            &params,
+            &mut NoiseSource::seeded(seed),
+            &mut |_| {},
+            &|| false,
+        )
+        .unwrap()
+    };
+    assert_eq!(kept.loaded_models(), 0);
+    let first = generate(&kept, 1);
+    assert_eq!(kept.loaded_models(), 5);
+    assert_eq!(first, generate(&per_call, 1));
+    assert_eq!(per_call.loaded_models(), 0);
+    // the second call runs on the kept models
+    assert_eq!(generate(&kept, 2), generate(&per_call, 2));
+    std::fs::remove_dir_all(&root).unwrap();
 }
