@@ -324,7 +324,7 @@ impl WuerstchenPipeline {
             decoder_dir: decoder_dir.to_path_buf(),
             prior_c_in: prior.c_in,
             decoder,
-            keep_loaded: !device.is_cpu(),
+            keep_loaded: false,
             device,
             dtype,
             loaded: Arc::default(),
@@ -332,10 +332,10 @@ impl WuerstchenPipeline {
     }
 
     /// Whether `generate` keeps each model loaded for the next call, all five resident
-    /// (the server: no reload per prediction; a GPU, where loading would take longer
-    /// than the image), or loads each stage when it runs and drops it after, one
-    /// resident at a time (the CPU default: a third of the peak memory). Either way
-    /// gives the same images.
+    /// (the server: no reload per prediction), or loads each stage when it runs and
+    /// drops it after, one resident at a time (the default: a third of the peak
+    /// memory, and one call loads each model once either way). Both give the same
+    /// images.
     pub fn keep_loaded(mut self, keep: bool) -> Self {
         self.keep_loaded = keep;
         self
