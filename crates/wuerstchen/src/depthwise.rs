@@ -3,8 +3,9 @@
 //!
 //! candle runs a grouped conv as one conv per group (128 im2col + matmul calls of a
 //! single channel each for 128 channels, forward and backward). On the CPU the layer
-//! runs `kernels::depthwise` instead, which also differentiates; layers whose kernel
-//! is not depthwise (Stage C's ResBlock with a skip input) keep candle's conv.
+//! runs `kernels::depthwise` instead, which also differentiates; on other devices a
+//! sum of shifted whole-tensor products (`forward_shifted`); layers whose kernel is
+//! not depthwise (Stage C's ResBlock with a skip input) keep candle's conv.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
