@@ -160,16 +160,13 @@ def pipeline(w, h, dtype, dev):
 def bench(component, a, dtype):
     reset_peak_rss()
     cuda = a.device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    built_batch, built_call = build(component, a.width, a.height, dtype, torch.device(a.device))
+    batch, built_call = build(component, a.width, a.height, dtype, torch.device(a.device))
 
     def call():  # a GPU call is timed until its kernels finish
         out = built_call()
         if cuda:
             torch.cuda.synchronize()
         return out
-    batch = built_batch
     with torch.inference_mode():
         for _ in range(a.warmup):
             call()

@@ -194,6 +194,27 @@ fn random_model<M>(
     )?)
 }
 
+/// The official Stage C prior with random weights in `dtype`.
+fn random_prior(dtype: DType, device: &Device) -> Result<WuerstchenPrior> {
+    random_model(dtype, device, |vb| {
+        WuerstchenPrior::new(&PriorConfig::official(), vb)
+    })
+}
+
+/// The official Stage B decoder with random weights in `dtype`.
+fn random_decoder(dtype: DType, device: &Device) -> Result<WuerstchenDiffNeXt> {
+    random_model(dtype, device, |vb| {
+        WuerstchenDiffNeXt::new(&DiffNeXtConfig::official(), vb)
+    })
+}
+
+/// The official Stage A VQGAN with random weights in `dtype`.
+fn random_vqgan(dtype: DType, device: &Device) -> Result<PaellaVQModel> {
+    random_model(dtype, device, |vb| {
+        PaellaVQModel::new(&PaellaVQConfig::official(), vb)
+    })
+}
+
 /// Peak resident memory of this process since the last `reset_peak_rss`, in MiB
 /// (Linux; 0 where /proc is missing).
 pub fn peak_rss_mib() -> f64 {
@@ -242,7 +263,7 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
     Ok(match component {
         Component::Prior => {
             let cfg = PriorConfig::official();
-            let model = random_model(wt, device, |vb| WuerstchenPrior::new(&cfg, vb))?;
+            let model = random_prior(wt, device)?;
             let x = randn(&[2, cfg.c_in, ph, pw], dt, device)?;
             let text = randn(&[2, 77, cfg.c_cond], dt, device)?;
             let r = r(2)?;
@@ -250,7 +271,7 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
         }
         Component::Decoder => {
             let cfg = DiffNeXtConfig::official();
-            let model = random_model(wt, device, |vb| WuerstchenDiffNeXt::new(&cfg, vb))?;
+            let model = random_decoder(wt, device)?;
             let x = randn(&[1, cfg.c_in, dh, dw], dt, device)?;
             let effnet = randn(&[1, cfg.effnet_embd, ph, pw], dt, device)?;
             let clip = randn(&[1, 77, cfg.clip_embd], dt, device)?;
@@ -262,7 +283,7 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
         }
         Component::VqganDecode => {
             let cfg = PaellaVQConfig::official();
-            let model = random_model(wt, device, |vb| PaellaVQModel::new(&cfg, vb))?;
+            let model = random_vqgan(wt, device)?;
             let x = randn(&[1, cfg.latent_channels, dh, dw], dt, device)?;
             (1, Box::new(move || Ok(model.decode(&x, false)?)))
         }
@@ -310,15 +331,9 @@ impl Resident {
         Ok(Self {
             prior_text: build(Component::PriorTextEncoder, spec, device)?.1,
             decoder_text: build(Component::DecoderTextEncoder, spec, device)?.1,
-            prior: random_model(wt, device, |vb| {
-                WuerstchenPrior::new(&PriorConfig::official(), vb)
-            })?,
-            decoder: random_model(wt, device, |vb| {
-                WuerstchenDiffNeXt::new(&DiffNeXtConfig::official(), vb)
-            })?,
-            vqgan: random_model(wt, device, |vb| {
-                PaellaVQModel::new(&PaellaVQConfig::official(), vb)
-            })?,
+            prior: random_prior(wt, device)?,
+            decoder: random_decoder(wt, device)?,
+            vqgan: random_vqgan(wt, device)?,
         })
     }
 }
@@ -366,11 +381,7 @@ fn pipeline(spec: &BenchSpec, device: &Device, resident: Option<&Resident>) -> R
         };
     // batch 2: the prompt's and the negative prompt's embeddings, as guidance needs
     let prior_text = text(Component::PriorTextEncoder, resident.map(|r| &r.prior_text))?;
-    let prior = model(resident.map(|r| &r.prior), || {
-        random_model(wt, device, |vb| {
-            WuerstchenPrior::new(&PriorConfig::official(), vb)
-        })
-    })?;
+    let prior = model(resident.map(|r| &r.prior), || random_prior(wt, device))?;
     let mut sched = DdpmWuerstchenScheduler::new(Default::default());
     sched.set_timesteps(default_stage_c_timesteps());
     let latents = sample(
@@ -389,11 +400,7 @@ fn pipeline(spec: &BenchSpec, device: &Device, resident: Option<&Resident>) -> R
         Component::DecoderTextEncoder,
         resident.map(|r| &r.decoder_text),
     )?;
-    let decoder = model(resident.map(|r| &r.decoder), || {
-        random_model(wt, device, |vb| {
-            WuerstchenDiffNeXt::new(&DiffNeXtConfig::official(), vb)
-        })
-    })?;
+    let decoder = model(resident.map(|r| &r.decoder), || random_decoder(wt, device))?;
     sched.set_steps(d.decoder_steps);
     let latents = sample(
         Stage::Decoder,
@@ -404,9 +411,7 @@ fn pipeline(spec: &BenchSpec, device: &Device, resident: Option<&Resident>) -> R
     )?;
     drop(decoder);
     let cfg = PaellaVQConfig::official();
-    let vqgan = model(resident.map(|r| &r.vqgan), || {
-        random_model(wt, device, |vb| PaellaVQModel::new(&cfg, vb))
-    })?;
+    let vqgan = model(resident.map(|r| &r.vqgan), || random_vqgan(wt, device))?;
     let scaled = (latents * cfg.scale_factor)?.to_dtype(dt)?;
     Ok(vqgan.decode_tiled(&scaled, false, crate::stage_a::PIPELINE_DECODE_TILE)?)
 }
