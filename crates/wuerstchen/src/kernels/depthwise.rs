@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{fast_path, plain_gradients, simd_dispatch, three_f32};
+use super::{dot, fast_path, plain_gradients, simd_dispatch, three_f32, with_f32};
 
 /// How the border is padded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,10 +198,80 @@ impl CustomOp3 for Depthwise {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let p = self.padding;
-        let [gx, gw, gb] =
-            plain_gradients([x, weight, bias], grad, |[x, w, b]| plain(x, w, Some(b), p))?;
-        Ok((gx, gw, gb))
+        let p = match self.padding {
+            Padding::Zeros(p) if fast_path(&[x, weight, grad]) && p < weight.dim(2)? => p,
+            padding => {
+                let [gx, gw, gb] = plain_gradients([x, weight, bias], grad, |[x, w, b]| {
+                    plain(x, w, Some(b), padding)
+                })?;
+                return Ok((gx, gw, gb));
+            }
+        };
+        let (b, c, h, w) = x.dims4()?;
+        let k = weight.dim(2)?;
+        let grad = grad.contiguous()?;
+        let (_, _, oh, ow) = grad.dims4()?;
+        // the input gradient is the convolution of the output gradient with the kernel
+        // turned by 180 degrees, padded so that it comes out the input's size
+        let turned: Vec<u32> = (0..(k * k) as u32).rev().collect();
+        let turned = weight
+            .reshape((c, k * k))?
+            .index_select(&Tensor::new(turned, x.device())?, 1)?
+            .reshape((c, 1, k, k))?;
+        let gx = depthwise_conv2d(&grad, &turned, None, Padding::Zeros(k - 1 - p))?;
+        let s = Plane {
+            h,
+            w,
+            k,
+            p,
+            replicate: false,
+            oh,
+            ow,
+        };
+        let x = x.contiguous()?;
+        let taps = with_f32(&x, |x| {
+            with_f32(&grad, |g| {
+                let per_plane: Vec<Vec<f32>> = x
+                    .par_chunks(h * w)
+                    .zip(g.par_chunks(oh * ow))
+                    .map(|(src, g)| {
+                        let mut taps = vec![0f32; k * k];
+                        tap_gradients(src, g, s, &mut taps);
+                        taps
+                    })
+                    .collect();
+                let mut sum = vec![0f32; c * k * k];
+                for (plane, taps) in per_plane.iter().enumerate() {
+                    let dst = &mut sum[plane % c * k * k..][..k * k];
+                    dst.iter_mut().zip(taps).for_each(|(d, t)| *d += t);
+                }
+                sum
+            })
+        })??;
+        let gw = Tensor::from_vec(taps, (c, 1, k, k), x.device())?;
+        let gb = grad.reshape((b, c, oh * ow))?.sum(2)?.sum(0)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+simd_dispatch! {
+    // d loss / d tap (ky, kx) of one plane: the output gradient dotted with the input
+    // shifted by that tap (zero padding), added to `taps`
+    fn tap_gradients(src: &[f32], g: &[f32], s: Plane, taps: &mut [f32]) {
+        for (y, grow) in g.chunks(s.ow).enumerate() {
+            for ky in 0..s.k {
+                let iy = (y + ky) as isize - s.p as isize;
+                if !(0..s.h as isize).contains(&iy) {
+                    continue;
+                }
+                let row = &src[iy as usize * s.w..][..s.w];
+                for kx in 0..s.k {
+                    let x0 = s.p.saturating_sub(kx).min(s.ow);
+                    let x1 = s.ow.min((s.w + s.p).saturating_sub(kx)).max(x0);
+                    taps[ky * s.k + kx] += dot(&grow[x0..x1], &row[x0 + kx - s.p..x1 + kx - s.p]);
+                }
+            }
+        }
     }
 }
 

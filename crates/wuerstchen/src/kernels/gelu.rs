@@ -12,7 +12,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, fast_path, simd_dispatch, unsupported, CHUNK};
+use super::attention::exp;
+use super::{contiguous_f32, fast_path, simd_dispatch, unsupported, with_f32, CHUNK};
 
 const P: [f32; 6] = [
     // erf'(0): the fit lands within one f32 ulp of it
@@ -54,6 +55,17 @@ simd_dispatch! {
     }
 }
 
+simd_dispatch! {
+    fn gelu_grad_slice(x: &[f32], g: &[f32], dst: &mut [f32]) {
+        // 1 / sqrt(2 pi)
+        const PDF: f32 = 0.398_942_3;
+        for ((d, &x), &g) in dst.iter_mut().zip(x).zip(g) {
+            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            *d = g * x.mul_add(PDF * exp(-0.5 * x * x), cdf);
+        }
+    }
+}
+
 struct Gelu;
 
 impl CustomOp1 for Gelu {
@@ -70,8 +82,21 @@ impl CustomOp1 for Gelu {
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
-    /// d/dx x Phi(x) = Phi(x) + x phi(x), from candle's own (differentiable) ops.
+    /// d/dx x Phi(x) = Phi(x) + x phi(x): one pass on the CPU, else from candle's own
+    /// (differentiable) ops.
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if fast_path(&[arg, grad]) {
+            let dx = with_f32(arg, |x| {
+                with_f32(grad, |g| {
+                    let mut dx = vec![0f32; x.len()];
+                    dx.par_chunks_mut(CHUNK)
+                        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                        .for_each(|(d, (x, g))| gelu_grad_slice(x, g, d));
+                    dx
+                })
+            })??;
+            return Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?));
+        }
         let cdf = ((arg * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
         let pdf = (arg.sqr()? * -0.5)?.exp()?
             * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);

@@ -6,7 +6,7 @@
 //! over the positions (partial sums per block of rows, in f64), then
 //! x (1 + gamma s) + beta with s the channel's norm over the mean norm.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{fast_path, plain_gradients, simd_dispatch, sum_by, three_f32, whole_rows};
@@ -140,11 +140,52 @@ impl CustomOp3 for GrnChannelsFirst {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [gx, gg, gb] = plain_gradients([x, gamma, beta], grad, |[x, g, b]| {
-            plain_channels_first(x, g, b)
-        })?;
-        Ok((gx, gg, gb))
+        if x.dtype() != DType::F32 {
+            let [gx, gg, gb] = plain_gradients([x, gamma, beta], grad, |[x, g, b]| {
+                plain_channels_first(x, g, b)
+            })?;
+            return Ok((gx, gg, gb));
+        }
+        let (gx, gg, gb) = channels_first_gradients(x, gamma, grad)?;
+        Ok((
+            Some(gx),
+            Some(gg.reshape(gamma.shape())?),
+            Some(gb.reshape(beta.shape())?),
+        ))
     }
+}
+
+/// The gradients of [`grn_channels_first`] in closed form, from candle's ops on
+/// (B, C, H*W) with every reduction over the trailing positions (its fast path; the
+/// plain form's backward reduces over leading dims, element by element).
+///
+/// Per image, with S_c the sum of squares of channel c, N_c = sqrt(S_c + 1e-12),
+/// d = mean_c N_c + 1e-6, s_c = N_c / d and A_c = sum_p g x:
+/// dx = g (1 + gamma s) + x / N_c * (gamma_c A_c / d - sum_j gamma_j A_j N_j / (C d^2)),
+/// dgamma = sum_b s A, dbeta = sum_{b, p} g.
+fn channels_first_gradients(
+    x: &Tensor,
+    gamma: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, c, h, w) = x.dims4()?;
+    let x = x.reshape((b, c, h * w))?;
+    let g = grad.reshape((b, c, h * w))?;
+    let gamma = gamma.reshape((1, c, 1))?;
+    let norms = (x.sqr()?.sum_keepdim(2)? + 1e-12)?.sqrt()?; // (B, C, 1)
+    let d = (norms.mean_keepdim(1)? + 1e-6)?; // (B, 1, 1)
+    let s = norms.broadcast_div(&d)?;
+    let a = (&g * &x)?.sum_keepdim(2)?;
+    let ga = a.broadcast_mul(&gamma)?;
+    let shared =
+        (ga.broadcast_mul(&norms)?.sum_keepdim(1)? / c as f64)?.broadcast_div(&d.sqr()?)?;
+    let d_norms = ga.broadcast_div(&d)?.broadcast_sub(&shared)?;
+    let gx = (g.broadcast_mul(&(s.broadcast_mul(&gamma)? + 1.0)?)?
+        + x.broadcast_mul(&(d_norms / norms)?)?)?
+    .reshape((b, c, h, w))?;
+    let gg = (s * a)?.sum(0)?;
+    let gb = g.sum(2)?.sum(0)?;
+    Ok((gx, gg, gb))
 }
 
 simd_dispatch! {
@@ -266,6 +307,10 @@ mod tests {
             }
             let d = max_diff(&image(g_want.get(&x).unwrap())?, g_cf.get(&x_cf).unwrap())?;
             assert!(d < 1e-4, "channels-first gradient: {d}");
+            for v in [&gamma, &beta] {
+                let d = max_diff(g_cf.get(v).unwrap(), g_want.get(v).unwrap())?;
+                assert!(d < 1e-4, "channels-first gradient {:?}: {d}", v.dims());
+            }
         }
         Ok(())
     }

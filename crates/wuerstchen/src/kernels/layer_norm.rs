@@ -5,7 +5,7 @@
 //! allocating a new one (mean, centre, square, mean, sqrt, divide); here it is one
 //! read and one write per row, the row in cache between them.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::{
@@ -65,11 +65,36 @@ impl CustomOp1 for LayerNorm {
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let eps = self.eps;
-        let [g] = plain_gradients([arg], grad, |[x]| plain(x, eps))?;
-        Ok(g)
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if arg.dtype() != DType::F32 {
+            let eps = self.eps;
+            let [g] = plain_gradients([arg], grad, |[x]| plain(x, eps))?;
+            return Ok(g);
+        }
+        let mean = |t: &Tensor| t.mean_keepdim(D::Minus1);
+        Ok(Some(normalised_gradient(arg, res, grad, self.eps, mean)?))
     }
+}
+
+/// The gradient of a layer norm without affine, y = (x - mean) r with
+/// r = 1 / sqrt(var + eps), in closed form: dx = r (g - mean(g) - y mean(g y)), where
+/// `mean` averages over the normalised features, keeping that dim. Candle's ops on
+/// whole tensors, so that every reduction is one of its fast paths (the plain form's
+/// backward broadcasts and reduces one element at a time).
+fn normalised_gradient(
+    x: &Tensor,
+    y: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+    mean: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let centred = x.broadcast_sub(&mean(x)?)?;
+    let r = (mean(&centred.sqr()?)? + eps)?.sqrt()?.recip()?;
+    let g_mean = mean(grad)?;
+    let gy_mean = mean(&(grad * y)?)?;
+    grad.broadcast_sub(&g_mean)?
+        .sub(&y.broadcast_mul(&gy_mean)?)?
+        .broadcast_mul(&r)
 }
 
 /// Layer norm over the channels of x (B, C, H, W), read and written in place of the
@@ -147,10 +172,20 @@ impl CustomOp1 for ChannelLayerNorm {
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let eps = self.eps;
-        let [g] = plain_gradients([arg], grad, |[x]| plain_channels(x, eps))?;
-        Ok(g)
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if arg.dtype() != DType::F32 {
+            let eps = self.eps;
+            let [g] = plain_gradients([arg], grad, |[x]| plain_channels(x, eps))?;
+            return Ok(g);
+        }
+        // the mean over the channels of (B, C, P) as a matmul with a row of 1/C: a
+        // reduction over dim 1 would take candle's element-by-element path
+        let (b, c, h, w) = arg.dims4()?;
+        let row = Tensor::full(1.0 / c as f32, (1, 1, c), arg.device())?;
+        let mean = |t: &Tensor| row.broadcast_as((b, 1, c))?.matmul(t);
+        let flat = |t: &Tensor| t.reshape((b, c, h * w));
+        let dx = normalised_gradient(&flat(arg)?, &flat(res)?, &flat(grad)?, self.eps, mean)?;
+        Ok(Some(dx.reshape((b, c, h, w))?))
     }
 }
 
@@ -215,6 +250,17 @@ mod tests {
         let want = (plain(&x, 1e-6)? * &probe)?.sum_all()?.backward()?;
         let d = max_diff(ours.get(&x).unwrap(), want.get(&x).unwrap())?;
         assert!(d < 1e-5, "gradient max difference {d}");
+        // the channel form, its inputs off zero mean as a ResBlock's are
+        let x = Var::from_tensor(&((random(&[2, 5, 3, 4], 4)? * 3.0)? + 1.5)?)?;
+        let probe = random(&[2, 5, 3, 4], 5)?;
+        let ours = (channel_layer_norm(&x, 1e-6)? * &probe)?
+            .sum_all()?
+            .backward()?;
+        let want = (plain_channels(&x, 1e-6)? * &probe)?
+            .sum_all()?
+            .backward()?;
+        let d = max_diff(ours.get(&x).unwrap(), want.get(&x).unwrap())?;
+        assert!(d < 1e-5, "channel form: gradient max difference {d}");
         Ok(())
     }
 }

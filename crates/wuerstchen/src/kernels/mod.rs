@@ -89,6 +89,39 @@ fn sum_by(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     (acc.iter().sum::<f64>() + tail) as f32
 }
 
+/// Dot product of two slices of equal length, in 16 running f32 partial sums (as
+/// [`sum_by`], so that the compiler vectorises it).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s = x.mul_add(y, *s);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Runs `f` on the f32 elements of a CPU tensor (copied first if it is strided); an
+/// error for any other device or dtype, which the callers route elsewhere.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => {
+            Ok(f(&data[start..end]))
+        }
+        _ => Err(unsupported("with_f32")),
+    }
+}
+
 /// Largest element, vectorised as [`sum_by`] is (NaN-free input assumed).
 #[inline(always)]
 fn max(xs: &[f32]) -> f32 {

@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{fast_path, gemm_f32, plain_gradients, three_f32};
+use super::{fast_path, gemm_f32, three_f32};
 
 /// `w (n, k) x (k, H*W) + bias` per image: x (B, k, H, W) -> (B, n, H, W).
 pub fn conv1x1(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -82,6 +82,8 @@ impl CustomOp3 for Conv1x1 {
         Ok((CpuStorage::F32(out), Shape::from((b, n, h, w))))
     }
 
+    /// Two matmuls and a sum over each plane, in candle's ops (its fast paths: the
+    /// plain form's backward reduces the bias over leading dims, element by element).
     fn bwd(
         &self,
         x: &Tensor,
@@ -90,9 +92,17 @@ impl CustomOp3 for Conv1x1 {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [gx, gw, gb] =
-            plain_gradients([x, weight, bias], grad, |[x, w, b]| plain(x, w, Some(b)))?;
-        Ok((gx, gw, gb))
+        let (b, k, h, w) = x.dims4()?;
+        let n = weight.dim(0)?;
+        let g = grad.reshape((b, n, h * w))?;
+        let gx = weight
+            .t()?
+            .broadcast_left(b)?
+            .matmul(&g)?
+            .reshape((b, k, h, w))?;
+        let gw = g.matmul(&x.reshape((b, k, h * w))?.t()?)?.sum(0)?;
+        let gb = g.sum(2)?.sum(0)?.reshape(bias.shape())?;
+        Ok((Some(gx), Some(gw), Some(gb)))
     }
 }
 
