@@ -105,6 +105,9 @@ impl Module for Linear {
             Self::Packed(layer) => return layer.forward(x),
             Self::Bf16(layer) => return layer.forward(x),
         };
+        if let Some(bias) = layer.bias().filter(|b| b.track_op()) {
+            return rows_with_bias_product(x, layer.weight(), bias);
+        }
         // candle multiplies a (B, N, C) input batch by batch against the broadcast
         // weight: one small gemm per batch element (N = 77 tokens for CLIP). As one
         // (B*N, C) matrix it is a single gemm with B times the rows.
@@ -115,6 +118,25 @@ impl Module for Linear {
             _ => layer.forward(x),
         }
     }
+}
+
+/// The linear layer while it trains: the bias added as the product of a column of
+/// ones with it, so that its gradient is the product of that column with the
+/// output's gradient (one gemm). Added by broadcasting, its gradient would be a sum
+/// over the leading dims, which candle reduces one element at a time (a tenth of a
+/// training step).
+fn rows_with_bias_product(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (n, k) = weight.dims2()?;
+    let dims = x.dims();
+    let rows = x.elem_count() / k.max(1);
+    let x = x.reshape((rows, k))?;
+    let ones = Tensor::ones((rows, 1), x.dtype(), x.device())?;
+    let y = (x.matmul(&weight.t()?)? + ones.matmul(&bias.reshape((1, n))?)?)?;
+    let mut out = dims.to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = n;
+    }
+    y.reshape(out)
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +215,34 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
+
+    #[test]
+    fn a_training_linear_layer_equals_candles_forward_and_backward() -> Result<()> {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let ours = linear(6, 4, vb.pp("l"))?;
+        let Linear::F32(candles) = &ours else {
+            panic!("a VarMap builds candle's layer")
+        };
+        let bias = vm.data().lock().unwrap()["l.bias"].clone();
+        bias.set(&Tensor::arange(0f32, 4., &Device::Cpu)?)?;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (3, 5, 6), &Device::Cpu)?)?;
+        let probe = Tensor::randn(0f32, 1., (3, 5, 4), &Device::Cpu)?;
+        let y = ours.forward(&x)?;
+        let want = candles.forward(&x)?;
+        assert!(y.sub(&want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+        let g = (y * &probe)?.sum_all()?.backward()?;
+        let g_want = (want * &probe)?.sum_all()?.backward()?;
+        for t in [x.as_tensor(), candles.weight(), bias.as_tensor()] {
+            let d = g.get(t).unwrap().sub(g_want.get(t).unwrap())?;
+            assert!(
+                d.abs()?.max_all()?.to_scalar::<f32>()? < 1e-4,
+                "{:?}",
+                t.dims()
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn layers_count_their_multiply_adds() -> Result<()> {

@@ -100,7 +100,15 @@ impl CustomOp3 for Conv1x1 {
             .broadcast_left(b)?
             .matmul(&g)?
             .reshape((b, k, h, w))?;
-        let gw = g.matmul(&x.reshape((b, k, h * w))?.t()?)?.sum(0)?;
+        // one product over all images' positions (K = B*H*W): per image and then
+        // summed over dim 0, the sum would take candle's element-by-element path
+        let across = |t: &Tensor, c: usize| {
+            t.reshape((b, c, h * w))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((c, b * h * w))
+        };
+        let gw = across(grad, n)?.matmul(&across(x, k)?.t()?)?;
         let gb = g.sum(2)?.sum(0)?.reshape(bias.shape())?;
         Ok((Some(gx), Some(gw), Some(gb)))
     }
