@@ -66,6 +66,11 @@ pub struct TrainArgs {
     /// Store the exported weights in f16.
     #[arg(long)]
     export_f16: bool,
+    /// Start a fresh run from these weights (fine-tuning), e.g. an exported
+    /// MODEL/prior/prior/diffusion_pytorch_model.safetensors; every variable must be in
+    /// it. A resumed run ignores it.
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -93,6 +98,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         seed: a.seed,
         checkpoint_every: a.checkpoint_every,
         export_f16: a.export_f16,
+        init: a.init,
     };
     let given = a.config.as_deref();
     let mut trainer: Box<dyn StageTrainer> = match a.stage {

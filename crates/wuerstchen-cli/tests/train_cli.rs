@@ -396,6 +396,44 @@ fn all_four_stages_make_a_model_that_generates() {
     let img = wuerstchen::image_io::read_png(&png).unwrap().image;
     assert_eq!((img.width, img.height), (128, 128));
 
+    // a fine-tune starts from the exported weights: with a zero learning rate its
+    // export is those weights (f32 here); a file of another model is refused by tensor name
+    let tuned = dir.join("tuned");
+    for part in ["prior", "decoder", "compressor"] {
+        copy_dir(&out.join(part), &tuned.join(part));
+    }
+    let weights = |m: &Path, part: &str| m.join(part).join("diffusion_pytorch_model.safetensors");
+    let res = run(train_stage("stage-c", &data, &tuned, 1, 1)
+        .arg("--init")
+        .arg(weights(&out, "decoder/decoder")));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && stderr.contains("no tensor `"),
+        "{stderr}"
+    );
+    let init = weights(&out, "prior/prior");
+    let res = run(train_stage("stage-c", &data, &tuned, 2, 2)
+        .args(["--lr", "0", "--init"])
+        .arg(&init));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let load = |p: &Path| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let (before, after) = (load(&init), load(&weights(&tuned, "prior/prior")));
+    assert_eq!(before.len(), after.len());
+    for (name, t) in &before {
+        let d = (t - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        // the EMA of unchanged weights: equal up to its rounding
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6, "{name}: {d}");
+    }
+
     // a decoder that reads the captions too (attention blocks, as the official Stage
     // B), trained on the frozen compressor in a folder of its own
     let dec = dir.join("text-decoder");

@@ -44,6 +44,10 @@ pub struct TrainOptions {
     /// Store exported weights in f16 (half the size; checkpoints stay f32).
     #[serde(default)]
     pub export_f16: bool,
+    /// Weights to start a fresh run from (fine-tuning): a safetensors file such as an
+    /// exported component's, matched by name (see [`init_from`]); a resumed run ignores it.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
 }
 
 /// One line of the training log.
@@ -181,6 +185,10 @@ pub fn train(
     }
     let all = sorted_vars(trainer.varmap());
     reseed_init(&all, opts.seed)?;
+    let ckpt = checkpoint_path(&opts.out, trainer.name());
+    if let (Some(init), false) = (&opts.init, ckpt.is_file()) {
+        init_from(init, &all)?;
+    }
     let trainable: Vec<(String, Var)> = all
         .iter()
         .filter(|(n, _)| !trainer.is_buffer(n))
@@ -199,7 +207,6 @@ pub fn train(
         },
     )?;
     let mut ema = Ema::new(&trainable, opts.ema_decay)?;
-    let ckpt = checkpoint_path(&opts.out, trainer.name());
     if ckpt.is_file() {
         load_checkpoint(&ckpt, &all, &mut opt, &mut ema)?;
     }
@@ -251,6 +258,38 @@ pub fn train(
         }
     }
     Ok(losses)
+}
+
+/// Sets every variable from the tensor of the same name in `path`, or, for a stage
+/// whose variables carry the component's prefix (`decoder.`, `compressor.`), of that
+/// name without it, as the component is exported; any dtype is cast. A variable the
+/// file lacks, or holds in another shape, is an error naming it: a fine-tune starts
+/// from the whole model or not at all.
+pub fn init_from(path: &Path, vars: &[(String, Var)]) -> Result<()> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| Error::InvalidInput(format!("--init {}: {e}", path.display())))?;
+    for (name, var) in vars {
+        let unprefixed = name.split_once('.').map(|(_, rest)| rest);
+        let t = tensors
+            .get(name)
+            .or_else(|| unprefixed.and_then(|n| tensors.get(n)))
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "--init {}: no tensor `{name}` in it (weights of another model?)",
+                    path.display()
+                ))
+            })?;
+        if t.dims() != var.dims() {
+            return Err(Error::InvalidInput(format!(
+                "--init {}: `{name}` has shape {:?}, the model {:?}",
+                path.display(),
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
 }
 
 fn save_checkpoint(
