@@ -130,6 +130,11 @@ struct EvalArgs {
     /// Also save the images here, named by index and caption.
     #[arg(long)]
     images: Option<PathBuf>,
+    /// Judge the decoder alone: skip the prior and decode this semantic compressor's
+    /// features (a MODEL/compressor folder from `train stage-b`) of each caption's own
+    /// rendering, the ceiling of what the prior can get from the decoder.
+    #[arg(long)]
+    from_compressor: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -242,8 +247,10 @@ fn serve(
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    use wuerstchen::analysis::evaluate;
-    use wuerstchen::image_io::{encode_png, write_atomically};
+    use wuerstchen::analysis::{evaluate, evaluate_decoder, Analysis};
+    use wuerstchen::dataset::ShapeSpec;
+    use wuerstchen::image_io::{encode_png, write_atomically, RgbImage};
+    use wuerstchen::weights::FromFolder;
     let (prior, decoder) = generate::locate_models(a.prior, a.decoder)?;
     let pipeline = wuerstchen::pipeline::WuerstchenPipeline::open(
         &prior,
@@ -255,29 +262,45 @@ fn eval(a: EvalArgs) -> Result<()> {
     if let Some(dir) = &a.images {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let compressor = a
+        .from_compressor
+        .as_deref()
+        .map(|dir| {
+            wuerstchen::compressor::SemanticCompressor::load(
+                dir,
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )
+        })
+        .transpose()?;
     let mut saved = Ok(());
-    let report = evaluate(
-        &pipeline,
-        a.count,
-        a.seed,
-        &recipe,
-        &mut |i, spec, image, found| {
-            let caption = spec.caption();
-            eprintln!(
-                "{i:>3} {caption:<60} found {} {} on {}",
-                found
-                    .color
-                    .map_or("-", |c| wuerstchen::dataset::COLORS[c].0),
-                found.shape.map_or("-", |s| wuerstchen::dataset::SHAPES[s]),
-                wuerstchen::dataset::COLORS[found.background].0,
-            );
-            if let (Some(dir), Ok(())) = (&a.images, &saved) {
-                let path = dir.join(format!("{i:03}-{}.png", caption.replace(' ', "_")));
-                saved = encode_png(image, Some(&caption))
-                    .and_then(|bytes| write_atomically(&path, &bytes));
-            }
-        },
-    )?;
+    let mut on_image = |i: usize, spec: &ShapeSpec, image: &RgbImage, found: &Analysis| {
+        let caption = spec.caption();
+        eprintln!(
+            "{i:>3} {caption:<60} found {} {} on {}",
+            found
+                .color
+                .map_or("-", |c| wuerstchen::dataset::COLORS[c].0),
+            found.shape.map_or("-", |s| wuerstchen::dataset::SHAPES[s]),
+            wuerstchen::dataset::COLORS[found.background].0,
+        );
+        if let (Some(dir), Ok(())) = (&a.images, &saved) {
+            let path = dir.join(format!("{i:03}-{}.png", caption.replace(' ', "_")));
+            saved =
+                encode_png(image, Some(&caption)).and_then(|bytes| write_atomically(&path, &bytes));
+        }
+    };
+    let report = match &compressor {
+        Some((compressor, _)) => evaluate_decoder(
+            &pipeline,
+            compressor,
+            a.count,
+            a.seed,
+            &recipe,
+            &mut on_image,
+        )?,
+        None => evaluate(&pipeline, a.count, a.seed, &recipe, &mut on_image)?,
+    };
     saved?;
     print!("{report}");
     Ok(())

@@ -55,6 +55,11 @@ pub struct TrainArgs {
     /// and train the decoder alone, e.g. while text-encoder and stage-c train on it.
     #[arg(long)]
     freeze_compressor: bool,
+    /// stage-b only: weight of an auxiliary loss that makes the compressor's features
+    /// name the caption's words (so they carry the shape, not only colour and place);
+    /// 0 = off. Give it again to resume such a run.
+    #[arg(long, default_value_t = 0.0)]
+    caption_words: f64,
     /// The model's config.json (diffusers format) for a fresh run instead of the stage's
     /// small default; a resumed run reuses the config it was started with.
     #[arg(long)]
@@ -78,6 +83,9 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
+    if a.caption_words != 0.0 && !matches!(a.stage, StageArg::StageB) {
+        anyhow::bail!("--caption-words applies to stage-b only");
+    }
     if a.freeze_compressor && !matches!(a.stage, StageArg::StageB) {
         anyhow::bail!("--freeze-compressor applies to stage-b only");
     }
@@ -113,6 +121,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             &data,
             &device,
             a.freeze_compressor,
+            a.caption_words,
         )?),
         StageArg::TextEncoder => {
             let Some(tok) = &a.tokenizer else {

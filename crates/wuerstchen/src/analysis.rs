@@ -3,9 +3,10 @@
 //! pixels far from it; its mean colour names the shape's colour, and how much of its
 //! bounding box it fills names the shape (square ~1, circle ~pi/4, triangle ~1/2).
 
+use crate::compressor::SemanticCompressor;
 use crate::dataset::{ShapeSpec, COLORS, SHAPES};
 use crate::error::Result;
-use crate::image_io::RgbImage;
+use crate::image_io::{image_to_tensor, RgbImage};
 use crate::noise::{NoiseSource, SeededRng};
 use crate::pipeline::{GenerationParams, WuerstchenPipeline};
 
@@ -253,6 +254,49 @@ pub fn evaluate(
     recipe: &GenerationParams,
     on_image: &mut dyn FnMut(usize, &ShapeSpec, &RgbImage, &Analysis),
 ) -> Result<Evaluation> {
+    evaluate_with(
+        pipeline,
+        count,
+        seed,
+        recipe,
+        on_image,
+        |params, _, noise| pipeline.generate(params, noise, &mut |_| {}, &|| false),
+    )
+}
+
+/// [`evaluate`] with the prior replaced by the truth: the decoder and Stage A draw
+/// from `compressor`'s features of each caption's own rendering. What the decoder
+/// can do with perfect semantic features bounds what the whole pipeline can do.
+pub fn evaluate_decoder(
+    pipeline: &WuerstchenPipeline,
+    compressor: &SemanticCompressor,
+    count: usize,
+    seed: u64,
+    recipe: &GenerationParams,
+    on_image: &mut dyn FnMut(usize, &ShapeSpec, &RgbImage, &Analysis),
+) -> Result<Evaluation> {
+    evaluate_with(
+        pipeline,
+        count,
+        seed,
+        recipe,
+        on_image,
+        |params, spec, noise| {
+            let truth = image_to_tensor(&spec.render(params.width))?.unsqueeze(0)?;
+            let features = compressor.forward(&truth)?;
+            pipeline.decode_embeddings(&features, params, noise, &mut |_| {}, &|| false)
+        },
+    )
+}
+
+fn evaluate_with(
+    pipeline: &WuerstchenPipeline,
+    count: usize,
+    seed: u64,
+    recipe: &GenerationParams,
+    on_image: &mut dyn FnMut(usize, &ShapeSpec, &RgbImage, &Analysis),
+    draw: impl Fn(&GenerationParams, &ShapeSpec, &mut NoiseSource) -> Result<Vec<RgbImage>>,
+) -> Result<Evaluation> {
     let (width, height) = pipeline.native_size();
     let mut eval = Evaluation::new();
     for (i, spec) in eval_specs(count, seed).iter().enumerate() {
@@ -265,9 +309,7 @@ pub fn evaluate(
             ..recipe.clone()
         };
         let mut noise = NoiseSource::seeded(seed + i as u64);
-        let image = pipeline
-            .generate(&params, &mut noise, &mut |_| {}, &|| false)?
-            .remove(0);
+        let image = draw(&params, spec, &mut noise)?.remove(0);
         let found = analyse(&image);
         eval.add(spec, &found);
         on_image(i, spec, &image, &found);

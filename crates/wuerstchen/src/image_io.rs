@@ -52,6 +52,18 @@ fn is_latin1(s: &str) -> bool {
 
 /// Encodes a PNG (8-bit RGB, not interlaced) with `parameters` as a tEXt chunk when
 /// it is Latin-1, else as an iTXt chunk.
+/// One image as a (3, H, W) f32 tensor in [0, 1], the layout Stage A and the
+/// semantic compressor read.
+pub fn image_to_tensor(img: &RgbImage) -> Result<Tensor> {
+    let data: Vec<f32> = img.data.iter().map(|&v| v as f32 / 255.0).collect();
+    // (H, W, 3) -> (3, H, W)
+    Ok(
+        Tensor::from_vec(data, (img.height, img.width, 3), &candle_core::Device::Cpu)?
+            .permute((2, 0, 1))?
+            .contiguous()?,
+    )
+}
+
 pub fn encode_png(image: &RgbImage, parameters: Option<&str>) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let err = |e: png::EncodingError| Error::InvalidInput(format!("PNG encoding failed: {e}"));

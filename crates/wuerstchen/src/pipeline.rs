@@ -577,6 +577,31 @@ impl WuerstchenPipeline {
         crate::memory::release_free_memory();
         let pc = &self.prior_config;
         let image_embeddings = latents.affine(pc.latent_mean, -pc.latent_std)?;
+        self.decode_embeddings(&image_embeddings, params, noise, progress, cancel)
+    }
+
+    /// Stage B and Stage A on given image embeddings (B, C, h, w), the prior's output
+    /// in [`generate`](Self::generate): also a way to see what the decoder makes of
+    /// features it was trained on (a semantic compressor's, of a real image).
+    pub fn decode_embeddings(
+        &self,
+        image_embeddings: &Tensor,
+        params: &GenerationParams,
+        noise: &mut NoiseSource,
+        progress: &mut dyn FnMut(Progress),
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Vec<RgbImage>> {
+        let sizes = self.sizes(params)?;
+        let dev = self.device.clone();
+        let b = image_embeddings.dim(0)?;
+        if b != params.num_images {
+            return Err(Error::InvalidParameter(format!(
+                "{b} image embeddings for {} images",
+                params.num_images
+            )));
+        }
+        let act = crate::kernels::linear_kind::activation_dtype(self.dtype, &dev);
+        let image_embeddings = image_embeddings.to_device(&dev)?;
 
         // ---- Stage B: semantic latents + text -> Stage A latents
         let dec_cfg = uses_guidance(params.decoder_guidance);

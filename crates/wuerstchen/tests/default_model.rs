@@ -11,13 +11,18 @@
 //! test that fails until a better model lands:
 //!     cargo test --release -p wuerstchen --test default_model -- --ignored --nocapture
 
+use std::path::{Path, PathBuf};
+
 use candle_core::{DType, Device};
-use wuerstchen::analysis::{evaluate, Evaluation, EVAL_SEED};
+use wuerstchen::analysis::{evaluate, evaluate_decoder, Evaluation, EVAL_SEED};
+use wuerstchen::compressor::SemanticCompressor;
 use wuerstchen::default_model;
 use wuerstchen::noise::NoiseSource;
 use wuerstchen::pipeline::{GenerationParams, WuerstchenPipeline};
+use wuerstchen::weights::FromFolder;
 
-fn evaluate_default_model(tag: &str) -> Evaluation {
+/// The embedded model written out under a scratch root (removed by the caller).
+fn open_default_model(tag: &str) -> (PathBuf, WuerstchenPipeline) {
     let root = std::env::temp_dir().join(format!("wuerstchen-{tag}-{}", std::process::id()));
     let dir = default_model::materialize_in(&root).unwrap();
     let pipeline = WuerstchenPipeline::open(
@@ -28,6 +33,11 @@ fn evaluate_default_model(tag: &str) -> Evaluation {
     )
     .unwrap();
     assert_eq!(pipeline.native_size(), (128, 128));
+    (root, pipeline)
+}
+
+fn evaluate_default_model(tag: &str) -> Evaluation {
+    let (root, pipeline) = open_default_model(tag);
     let eval = evaluate(
         &pipeline,
         48,
@@ -41,6 +51,30 @@ fn evaluate_default_model(tag: &str) -> Evaluation {
     println!("{eval}");
     std::fs::remove_dir_all(&root).unwrap();
     eval
+}
+
+/// The decoder alone, drawing from the training compressor's features of each
+/// caption's own rendering instead of the prior's: the ceiling the prior works under
+/// (`wuerstchen eval --from-compressor`). It keeps the colours.
+#[test]
+fn the_decoder_alone_paints_the_colours_of_true_features() {
+    let (root, pipeline) = open_default_model("decoder-alone");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default/compressor");
+    let (compressor, _) = SemanticCompressor::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let eval = evaluate_decoder(
+        &pipeline,
+        &compressor,
+        16,
+        EVAL_SEED,
+        &pipeline.defaults(),
+        &mut |_, _, _, _| {},
+    )
+    .unwrap();
+    println!("{eval}");
+    std::fs::remove_dir_all(&root).unwrap();
+    assert_eq!(eval.background.total(), 16);
+    assert!(eval.background.accuracy() >= 0.9, "{eval}");
+    assert!(eval.color.accuracy() >= 0.8, "{eval}");
 }
 
 #[test]

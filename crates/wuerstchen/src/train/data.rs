@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::image_io::read_image;
+use crate::image_io::{image_to_tensor, read_image};
 use crate::noise::SeededRng;
 
 /// All samples in memory as (3, S, S) floats in [0, 1] and their captions.
@@ -64,11 +64,7 @@ impl ImageFolder {
                     ),
                 ));
             }
-            let data: Vec<f32> = img.data.iter().map(|&v| v as f32 / 255.0).collect();
-            // (H, W, 3) -> (3, H, W)
-            let t = Tensor::from_vec(data, (img.height, img.width, 3), &Device::Cpu)?
-                .permute((2, 0, 1))?;
-            folder.images.push(t.contiguous()?);
+            folder.images.push(image_to_tensor(&img)?);
             folder.captions.push(caption.trim().to_string());
         }
         Ok(folder)
