@@ -55,6 +55,10 @@ pub struct TrainArgs {
     /// and train the decoder alone, e.g. while text-encoder and stage-c train on it.
     #[arg(long)]
     freeze_compressor: bool,
+    /// stage-b only: the semantic compressor's config (JSON: c_hidden, downscale,
+    /// c_out) for a fresh joint run, e.g. downscale 8 for a 16 x 16 map at 128 px.
+    #[arg(long)]
+    compressor_config: Option<PathBuf>,
     /// stage-b only: weight of an auxiliary loss that makes the compressor's features
     /// name the caption's words (so they carry the shape, not only colour and place);
     /// 0 = off. Give it again to resume such a run.
@@ -83,6 +87,11 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
+    if a.compressor_config.is_some()
+        && (!matches!(a.stage, StageArg::StageB) || a.freeze_compressor)
+    {
+        anyhow::bail!("--compressor-config applies to stage-b with a compressor that trains");
+    }
     if a.caption_words != 0.0 && !matches!(a.stage, StageArg::StageB) {
         anyhow::bail!("--caption-words applies to stage-b only");
     }
@@ -116,7 +125,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )?),
         StageArg::StageB => Box::new(tr::stage_b::StageBTrainer::new(
             tr::run_config(&opts.out, "stage-b", given, tr::stage_b::default_config(64))?,
-            Default::default(),
+            match &a.compressor_config {
+                Some(path) => wuerstchen::config::load_config::<
+                    wuerstchen::compressor::CompressorConfig,
+                >(path)?,
+                None => Default::default(),
+            },
             &opts.out,
             &data,
             &device,

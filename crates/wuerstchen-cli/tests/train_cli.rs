@@ -195,6 +195,30 @@ fn stage_b_learns_on_a_trained_stage_a_and_its_export_loads() {
     // and it is refused where it means nothing
     let res = run(train_stage_a(&data, &out, 1, 1).arg("--freeze-compressor"));
     assert!(String::from_utf8_lossy(&res.stderr).contains("stage-b only"));
+
+    // a compressor of another config: a finer map (downscale 8: 4 x 4 at 32 px)
+    let finer = dir.join("finer");
+    copy_dir(&out.join("decoder/vqgan"), &finer.join("decoder/vqgan"));
+    let config = dir.join("compressor.json");
+    std::fs::write(&config, r#"{"downscale": 8, "c_hidden": 8}"#).unwrap();
+    let res = run(train_stage("stage-b", &data, &finer, 2, 2)
+        .arg("--compressor-config")
+        .arg(&config));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let (compressor, cfg) =
+        SemanticCompressor::load(&finer.join("compressor"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!((cfg.downscale, cfg.c_hidden, cfg.c_out), (8, 8, 16));
+    let x = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(compressor.forward(&x).unwrap().dims(), [1, 16, 4, 4]);
+    std::fs::write(&config, r#"{"downscale": 6}"#).unwrap();
+    let res = run(train_stage("stage-b", &data, &dir.join("bad"), 2, 2)
+        .arg("--compressor-config")
+        .arg(&config));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("power of two"));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
