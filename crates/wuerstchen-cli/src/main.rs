@@ -247,7 +247,7 @@ fn serve(
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    use wuerstchen::analysis::{evaluate, evaluate_decoder, Analysis};
+    use wuerstchen::analysis::{evaluate, Analysis, Features};
     use wuerstchen::dataset::ShapeSpec;
     use wuerstchen::image_io::{encode_png, write_atomically, RgbImage};
     use wuerstchen::weights::FromFolder;
@@ -290,17 +290,11 @@ fn eval(a: EvalArgs) -> Result<()> {
                 encode_png(image, Some(&caption)).and_then(|bytes| write_atomically(&path, &bytes));
         }
     };
-    let report = match &compressor {
-        Some((compressor, _)) => evaluate_decoder(
-            &pipeline,
-            compressor,
-            a.count,
-            a.seed,
-            &recipe,
-            &mut on_image,
-        )?,
-        None => evaluate(&pipeline, a.count, a.seed, &recipe, &mut on_image)?,
+    let features = match &compressor {
+        Some((compressor, _)) => Features::Compressor(compressor),
+        None => Features::Prior,
     };
+    let report = evaluate(&pipeline, features, a.count, a.seed, &recipe, &mut on_image)?;
     saved?;
     print!("{report}");
     Ok(())

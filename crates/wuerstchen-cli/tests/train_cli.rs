@@ -201,14 +201,8 @@ fn stage_b_learns_on_a_trained_stage_a_and_its_export_loads() {
     copy_dir(&out.join("decoder/vqgan"), &finer.join("decoder/vqgan"));
     let config = dir.join("compressor.json");
     std::fs::write(&config, r#"{"downscale": 8, "c_hidden": 8}"#).unwrap();
-    let res = run(train_stage("stage-b", &data, &finer, 2, 2)
-        .arg("--compressor-config")
-        .arg(&config));
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    let flags = ["--compressor-config", config.to_str().unwrap()];
+    train_ok("stage-b", &data, &finer, 2, &flags);
     let (compressor, cfg) =
         SemanticCompressor::load(&finer.join("compressor"), DType::F32, &Device::Cpu).unwrap();
     assert_eq!((cfg.downscale, cfg.c_hidden, cfg.c_out), (8, 8, 16));

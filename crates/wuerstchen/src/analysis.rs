@@ -242,6 +242,17 @@ impl std::fmt::Display for Evaluation {
     }
 }
 
+/// Where the decoder's semantic features come from in [`evaluate`].
+#[derive(Clone, Copy)]
+pub enum Features<'a> {
+    /// the prior, from the caption: the whole pipeline
+    Prior,
+    /// the truth: this compressor's features of the caption's own rendering. What the
+    /// decoder can do with perfect semantic features bounds what any prior can get
+    /// out of it.
+    Compressor(&'a SemanticCompressor),
+}
+
 /// Generates one image per caption of `eval_specs(count, seed)` at the model's native
 /// size with the default recipe (image `i` seeded with `seed + i`) and analyses it.
 /// `on_image` sees each caption, image and finding (to save or print them).
@@ -249,54 +260,23 @@ impl std::fmt::Display for Evaluation {
 /// are replaced by each caption's, the model's native size and `seed + i`.
 pub fn evaluate(
     pipeline: &WuerstchenPipeline,
+    features: Features,
     count: usize,
     seed: u64,
     recipe: &GenerationParams,
     on_image: &mut dyn FnMut(usize, &ShapeSpec, &RgbImage, &Analysis),
 ) -> Result<Evaluation> {
-    evaluate_with(
-        pipeline,
-        count,
-        seed,
-        recipe,
-        on_image,
-        |params, _, noise| pipeline.generate(params, noise, &mut |_| {}, &|| false),
-    )
-}
-
-/// [`evaluate`] with the prior replaced by the truth: the decoder and Stage A draw
-/// from `compressor`'s features of each caption's own rendering. What the decoder
-/// can do with perfect semantic features bounds what the whole pipeline can do.
-pub fn evaluate_decoder(
-    pipeline: &WuerstchenPipeline,
-    compressor: &SemanticCompressor,
-    count: usize,
-    seed: u64,
-    recipe: &GenerationParams,
-    on_image: &mut dyn FnMut(usize, &ShapeSpec, &RgbImage, &Analysis),
-) -> Result<Evaluation> {
-    evaluate_with(
-        pipeline,
-        count,
-        seed,
-        recipe,
-        on_image,
-        |params, spec, noise| {
-            let truth = image_to_tensor(&spec.render(params.width))?.unsqueeze(0)?;
-            let features = compressor.forward(&truth)?;
-            pipeline.decode_embeddings(&features, params, noise, &mut |_| {}, &|| false)
-        },
-    )
-}
-
-fn evaluate_with(
-    pipeline: &WuerstchenPipeline,
-    count: usize,
-    seed: u64,
-    recipe: &GenerationParams,
-    on_image: &mut dyn FnMut(usize, &ShapeSpec, &RgbImage, &Analysis),
-    draw: impl Fn(&GenerationParams, &ShapeSpec, &mut NoiseSource) -> Result<Vec<RgbImage>>,
-) -> Result<Evaluation> {
+    let draw = |params: &GenerationParams, spec: &ShapeSpec, noise: &mut NoiseSource| {
+        let (progress, cancel) = (&mut |_| {}, &|| false);
+        match features {
+            Features::Prior => pipeline.generate(params, noise, progress, cancel),
+            Features::Compressor(compressor) => {
+                let truth = image_to_tensor(&spec.render(params.width))?.unsqueeze(0)?;
+                let embeddings = compressor.forward(&truth)?;
+                pipeline.decode_embeddings(&embeddings, params, noise, progress, cancel)
+            }
+        }
+    };
     let (width, height) = pipeline.native_size();
     let mut eval = Evaluation::new();
     for (i, spec) in eval_specs(count, seed).iter().enumerate() {

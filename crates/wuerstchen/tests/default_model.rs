@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use wuerstchen::analysis::{evaluate, evaluate_decoder, Evaluation, EVAL_SEED};
+use wuerstchen::analysis::{evaluate, Evaluation, Features, EVAL_SEED};
 use wuerstchen::compressor::SemanticCompressor;
 use wuerstchen::default_model;
 use wuerstchen::noise::NoiseSource;
@@ -40,6 +40,7 @@ fn evaluate_default_model(tag: &str) -> Evaluation {
     let (root, pipeline) = open_default_model(tag);
     let eval = evaluate(
         &pipeline,
+        Features::Prior,
         48,
         EVAL_SEED,
         &pipeline.defaults(),
@@ -61,9 +62,9 @@ fn the_decoder_alone_paints_the_colours_of_true_features() {
     let (root, pipeline) = open_default_model("decoder-alone");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default/compressor");
     let (compressor, _) = SemanticCompressor::load(&dir, DType::F32, &Device::Cpu).unwrap();
-    let eval = evaluate_decoder(
+    let eval = evaluate(
         &pipeline,
-        &compressor,
+        Features::Compressor(&compressor),
         16,
         EVAL_SEED,
         &pipeline.defaults(),
