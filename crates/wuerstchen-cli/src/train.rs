@@ -59,11 +59,6 @@ pub struct TrainArgs {
     /// c_out) for a fresh joint run, e.g. downscale 8 for a 16 x 16 map at 128 px.
     #[arg(long)]
     compressor_config: Option<PathBuf>,
-    /// stage-b only: weight of an auxiliary loss that makes the compressor's features
-    /// name the caption's words (so they carry the shape, not only colour and place);
-    /// 0 = off. Give it again to resume such a run.
-    #[arg(long, default_value_t = 0.0)]
-    caption_words: f64,
     /// The model's config.json (diffusers format) for a fresh run instead of the stage's
     /// small default; a resumed run reuses the config it was started with.
     #[arg(long)]
@@ -91,9 +86,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
         && (!matches!(a.stage, StageArg::StageB) || a.freeze_compressor)
     {
         anyhow::bail!("--compressor-config applies to stage-b with a compressor that trains");
-    }
-    if a.caption_words != 0.0 && !matches!(a.stage, StageArg::StageB) {
-        anyhow::bail!("--caption-words applies to stage-b only");
     }
     if a.freeze_compressor && !matches!(a.stage, StageArg::StageB) {
         anyhow::bail!("--freeze-compressor applies to stage-b only");
@@ -135,7 +127,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
             &data,
             &device,
             a.freeze_compressor,
-            a.caption_words,
         )?),
         StageArg::TextEncoder => {
             let Some(tok) = &a.tokenizer else {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::data::ImageFolder;
@@ -16,7 +16,7 @@ use super::{
 };
 use crate::compressor::{CompressorConfig, SemanticCompressor};
 use crate::config::{DiffNeXtConfig, PaellaVQConfig, SchedulerConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::noise::SeededRng;
 use crate::scheduler::DdpmWuerstchenScheduler;
 use crate::stage_a::PaellaVQModel;
@@ -41,72 +41,6 @@ pub struct StageBTrainer {
     scheduler: DdpmWuerstchenScheduler,
     /// The decoder pipeline's text encoder, for a config with attention blocks.
     text: Option<TextCondition>,
-    /// With `--caption-words`: the compressor also learns to name the caption's words.
-    words: Option<CaptionWords>,
-}
-
-/// An auxiliary objective for the compressor (training only, never exported): from
-/// each position's 16 features a linear head scores every word of the dataset's
-/// captions, the scores are pooled over the positions (log-mean-exp, a soft maximum),
-/// and binary cross-entropy asks which words the caption holds. EfficientNet's
-/// features are semantic because it was trained to name what an image shows; trained
-/// by the decoder's loss alone, our compressor keeps what the decoder needs soonest
-/// (colour, place, size) and little of what tells a square from a circle. With this
-/// objective the position that holds the shape must name it: its features carry the
-/// shape as plainly as its colour, for the prior to draw and the decoder to read.
-struct CaptionWords {
-    vocabulary: Vec<String>,
-    head: candle_nn::Linear,
-    weight: f64,
-}
-
-/// A caption's words: lower case, split at anything that is not a letter or digit.
-fn words(caption: &str) -> impl Iterator<Item = String> + '_ {
-    caption
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-}
-
-impl CaptionWords {
-    fn new(captions: &[String], features: usize, weight: f64, vb: VarBuilder) -> Result<Self> {
-        let mut vocabulary: Vec<String> = captions.iter().flat_map(|c| words(c)).collect();
-        vocabulary.sort();
-        vocabulary.dedup();
-        let head = candle_nn::linear(features, vocabulary.len(), vb)?;
-        Ok(Self {
-            vocabulary,
-            head,
-            weight,
-        })
-    }
-
-    /// `weight` x the mean binary cross-entropy of the pooled word scores of
-    /// features (B, C, H, W) against the captions' words.
-    fn loss(&self, features: &Tensor, captions: &[String]) -> Result<Tensor> {
-        let (b, v) = (captions.len(), self.vocabulary.len());
-        let mut present = vec![0f32; b * v];
-        for (row, caption) in present.chunks_mut(v).zip(captions) {
-            for w in words(caption) {
-                if let Ok(i) = self.vocabulary.binary_search(&w) {
-                    row[i] = 1.0;
-                }
-            }
-        }
-        let present = Tensor::from_vec(present, (b, v), features.device())?;
-        let scores = self
-            .head
-            .forward(&features.flatten_from(2)?.transpose(1, 2)?)?; // (B, HW, V)
-                                                                    // log of the mean of exp: a soft maximum that starts where the scores are
-                                                                    // (a sum would start log(HW) above them, as if every word were present)
-        let top = scores.max_keepdim(1)?.detach();
-        let pooled =
-            (scores.broadcast_sub(&top)?.exp()?.mean_keepdim(1)?.log()? + top)?.squeeze(1)?;
-        // log(1 + e^z) - y z, written so that no exponent overflows
-        let softplus = (pooled.relu()? + (pooled.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-        let bce = (softplus - (pooled * present)?)?.mean_all()?;
-        Ok((bce * self.weight)?)
-    }
 }
 
 impl StageBTrainer {
@@ -118,9 +52,6 @@ impl StageBTrainer {
     /// and only the decoder trains. The text encoder and Stage C learn that frozen
     /// compressor's features, so the decoder can go on learning to draw them while
     /// they train, in parallel, and it sees exactly the features they will produce.
-    ///
-    /// `caption_words` > 0 adds [`CaptionWords`] with that weight to the loss of a
-    /// compressor that trains (not a frozen one).
     pub fn new(
         config: DiffNeXtConfig,
         compressor_config: CompressorConfig,
@@ -128,13 +59,7 @@ impl StageBTrainer {
         data: &ImageFolder,
         device: &Device,
         freeze_compressor: bool,
-        caption_words: f64,
     ) -> Result<Self> {
-        if caption_words > 0.0 && freeze_compressor {
-            return Err(Error::InvalidParameter(
-                "the caption-word objective trains the compressor, which is frozen".into(),
-            ));
-        }
         let text = config
             .level_config
             .iter()
@@ -167,16 +92,6 @@ impl StageBTrainer {
             init_batch_norm(&varmap, "compressor.mapper.1")?;
             (c, compressor_config)
         };
-        let words = (caption_words > 0.0)
-            .then(|| {
-                CaptionWords::new(
-                    &data.captions,
-                    compressor_config.c_out,
-                    caption_words,
-                    vb.pp("caption_words"),
-                )
-            })
-            .transpose()?;
         // diffusers' `_init_weights`: a zero output head (b = sigmoid(bias) instead of
         // a random scale near 1e-3 that would blow the first losses up to ~1e3) and
         // zero timestep modulation
@@ -201,7 +116,6 @@ impl StageBTrainer {
             },
             scheduler: DdpmWuerstchenScheduler::new(SchedulerConfig::default()),
             text,
-            words,
         })
     }
 }
@@ -233,8 +147,6 @@ impl StageTrainer for StageBTrainer {
             fold_batch_stats(&self.varmap, "compressor.mapper.1", &mean, &var, b * h * w)?;
             effnet
         };
-        // the caption-word objective sees every image's features, dropped or not
-        let features = self.words.is_some().then(|| effnet.clone());
         let keep: Vec<f32> = uniform(rng, b)
             .into_iter()
             .map(|u| {
@@ -256,11 +168,7 @@ impl StageTrainer for StageBTrainer {
             None => Tensor::zeros((b, 1, self.config.clip_embd), DType::F32, dev)?,
         };
         let pred = self.decoder.forward(&noisy, &r, &effnet, &clip)?;
-        let loss = (pred - noise)?.sqr()?.mean_all()?;
-        match (&self.words, &features) {
-            (Some(words), Some(features)) => Ok((loss + words.loss(features, captions)?)?),
-            _ => Ok(loss),
-        }
+        Ok((pred - noise)?.sqr()?.mean_all()?)
     }
 
     fn export(&self, weights: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
@@ -314,46 +222,5 @@ pub fn default_config(clip_embd: usize) -> DiffNeXtConfig {
         clip_embd,
         kernel_size: 3,
         dropout: crate::config::DropoutSpec::One(0.0),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_nn::VarMap;
-
-    #[test]
-    fn caption_words_are_a_sorted_vocabulary_and_score_ln2_at_zero() -> Result<()> {
-        let captions = vec![
-            "a small red circle on a blue background".to_string(),
-            "A red square, in the top left".to_string(),
-        ];
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let head = CaptionWords::new(&captions, 4, 2.0, vb)?;
-        let expected = [
-            "a",
-            "background",
-            "blue",
-            "circle",
-            "in",
-            "left",
-            "on",
-            "red",
-            "small",
-            "square",
-            "the",
-            "top",
-        ];
-        assert_eq!(head.vocabulary, expected);
-        // a zero head scores every word 0 everywhere: binary cross-entropy ln 2 per
-        // word, whatever the caption holds, times the weight
-        for var in varmap.all_vars() {
-            var.set(&var.as_tensor().zeros_like()?)?;
-        }
-        let features = Tensor::randn(0f32, 1., (2, 4, 3, 3), &Device::Cpu)?;
-        let loss = head.loss(&features, &captions)?.to_scalar::<f32>()?;
-        assert!((loss - 2.0 * std::f32::consts::LN_2).abs() < 1e-6, "{loss}");
-        Ok(())
     }
 }
