@@ -59,7 +59,7 @@ c=(--out "$OUT" "${log[@]}" --batch-size 16 --lr 5e-4 --warmup-steps 100)
 time "$BIN" train stage-c --data "$DATA" --seed 0 "${c[@]}" --steps "$STEPS_C1"
 time "$BIN" train stage-c --data "$DATA_BIG" --seed 1 "${c[@]}" --steps "$STEPS_C"
 # a second run from the exported (EMA) prior at 2/5 of the learning rate, with fresh
-# AdamW moments: colour 90% -> 94%, shape 31% -> 33% (see the model card)
+# AdamW moments: colour 90% -> 98%, shape 31% -> 40% (see the model card)
 FT="$OUT/checkpoints/prior-ft"
 if [ ! -f "$FT/checkpoints/stage-c.safetensors" ]; then
     rm -rf "$FT" && mkdir -p "$FT"
