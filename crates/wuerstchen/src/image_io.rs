@@ -50,8 +50,6 @@ fn is_latin1(s: &str) -> bool {
     s.chars().all(|c| (c as u32) < 256)
 }
 
-/// Encodes a PNG (8-bit RGB, not interlaced) with `parameters` as a tEXt chunk when
-/// it is Latin-1, else as an iTXt chunk.
 /// One image as a (3, H, W) f32 tensor in [0, 1], the layout Stage A and the
 /// semantic compressor read.
 pub fn image_to_tensor(img: &RgbImage) -> Result<Tensor> {
@@ -64,6 +62,8 @@ pub fn image_to_tensor(img: &RgbImage) -> Result<Tensor> {
     )
 }
 
+/// Encodes a PNG (8-bit RGB, not interlaced) with `parameters` as a tEXt chunk when
+/// it is Latin-1, else as an iTXt chunk.
 pub fn encode_png(image: &RgbImage, parameters: Option<&str>) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let err = |e: png::EncodingError| Error::InvalidInput(format!("PNG encoding failed: {e}"));
