@@ -109,6 +109,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         export_f16: a.export_f16,
         init: a.init,
     };
+    // read before anything is written under --out: a bad file must leave no trace
+    let compressor_config = match &a.compressor_config {
+        Some(path) => {
+            wuerstchen::config::load_config::<wuerstchen::compressor::CompressorConfig>(path)?
+        }
+        None => Default::default(),
+    };
     let given = a.config.as_deref();
     let mut trainer: Box<dyn StageTrainer> = match a.stage {
         StageArg::StageA => Box::new(tr::stage_a::StageATrainer::new(
@@ -117,12 +124,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )?),
         StageArg::StageB => Box::new(tr::stage_b::StageBTrainer::new(
             tr::run_config(&opts.out, "stage-b", given, tr::stage_b::default_config(64))?,
-            match &a.compressor_config {
-                Some(path) => wuerstchen::config::load_config::<
-                    wuerstchen::compressor::CompressorConfig,
-                >(path)?,
-                None => Default::default(),
-            },
+            compressor_config,
             &opts.out,
             &data,
             &device,

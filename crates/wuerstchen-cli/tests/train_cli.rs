@@ -213,6 +213,21 @@ fn stage_b_learns_on_a_trained_stage_a_and_its_export_loads() {
         .arg("--compressor-config")
         .arg(&config));
     assert!(String::from_utf8_lossy(&res.stderr).contains("power of two"));
+    // a bad or missing config is refused before anything is written under --out, and
+    // the missing file is named with its cause once
+    assert!(!dir.join("bad").exists());
+    let missing = dir.join("no-such-compressor.json");
+    let res = run(train_stage("stage-b", &data, &dir.join("bad"), 2, 2)
+        .arg("--compressor-config")
+        .arg(&missing));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        stderr.contains(&format!("cannot read {}", missing.display())),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+    assert!(!dir.join("bad").exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
 
