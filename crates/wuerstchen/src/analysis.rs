@@ -363,6 +363,8 @@ mod tests {
 
     #[test]
     fn ideal_shapes_are_their_own_nearest() {
+        // IDEAL_SHAPES is written in this order
+        assert_eq!(SHAPES, ["circle", "square", "triangle"]);
         for (i, &(fill, taper)) in IDEAL_SHAPES.iter().enumerate() {
             assert_eq!(nearest_shape(fill, taper), i, "{}", SHAPES[i]);
         }
