@@ -110,7 +110,8 @@ pub fn analyse(img: &RgbImage) -> Analysis {
     let mean = sum.map(|s| s / n as f64);
     let fill = n as f64 / ((x1 - x0 + 1) * (y1 - y0 + 1)) as f64;
     // halves of equal height; the middle row of an odd box belongs to neither
-    let half = (y1 - y0 + 1) / 2;
+    let height = y1 - y0 + 1;
+    let half = height / 2;
     let top: usize = rows[y0..y0 + half].iter().sum();
     let bottom: usize = rows[y1 + 1 - half..=y1].iter().sum();
     let taper = top as f64 / bottom.max(1) as f64;
