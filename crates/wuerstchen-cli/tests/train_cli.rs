@@ -238,7 +238,7 @@ fn killed_run_resumes_to_the_same_step_count() {
     dataset(&data, 8, 16);
     let out = dir.join("model");
     let ckpt = out.join("checkpoints/stage-a.safetensors");
-    let mut child = train_stage_a(&data, &out, 400, 3)
+    let mut child = train_stage_a(&data, &out, 100_000, 3)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -247,9 +247,19 @@ fn killed_run_resumes_to_the_same_step_count() {
     while !ckpt.exists() && started.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(50));
     }
+    // a second run on the same folder is refused while the first trains
+    let res = run(&mut train_stage_a(&data, &out, 4, 3));
+    let second = String::from_utf8_lossy(&res.stderr);
+    let still_running = child.try_wait().unwrap().is_none();
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(ckpt.exists(), "no checkpoint within a minute");
+    assert!(
+        still_running,
+        "the first run ended before the second started"
+    );
+    assert!(!res.status.success(), "{second}");
+    assert!(second.contains("already training stage-a"), "{second}");
     // whatever moment the kill hit, the checkpoint on disk is whole (atomic rename)
     let bytes = std::fs::read(&ckpt).unwrap();
     let (_, meta) =

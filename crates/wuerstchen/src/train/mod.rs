@@ -170,6 +170,31 @@ where
     Ok(config)
 }
 
+/// One run per stage and model folder: a second writer would interleave its
+/// checkpoints and exports with the first's. An OS lock on
+/// `checkpoints/<stage>.lock`, held while the returned file lives, so a killed run
+/// leaves nothing stale behind.
+fn lock_stage(out: &Path, stage: &str) -> Result<std::fs::File> {
+    let dir = out.join("checkpoints");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let path = dir.join(format!("{stage}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InvalidInput(format!(
+            "another run is already training {stage} in {} (it holds {}): wait for it or stop it",
+            out.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
 /// Runs (or resumes) training; returns the losses of the steps run now.
 pub fn train(
     trainer: &mut dyn StageTrainer,
@@ -183,6 +208,7 @@ pub fn train(
             "steps and batch_size must be at least 1".into(),
         ));
     }
+    let _lock = lock_stage(&opts.out, trainer.name())?;
     let all = sorted_vars(trainer.varmap());
     reseed_init(&all, opts.seed)?;
     let ckpt = checkpoint_path(&opts.out, trainer.name());
