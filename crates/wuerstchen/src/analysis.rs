@@ -79,15 +79,15 @@ pub fn analyse(img: &RgbImage) -> Analysis {
     let bg = [median(0), median(1), median(2)];
     let background = nearest_color(bg);
     // foreground: far from the background colour
-    let (mut n, mut sum) = (0usize, [0f64; 3]);
+    let mut sum = [0f64; 3];
     let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
+    // foreground pixels per row: their total, and the taper's halves below
     let mut rows = vec![0usize; h];
     for (y, row) in rows.iter_mut().enumerate() {
         for x in 0..w {
             let p = px(x, y);
             let d = ((0..3).map(|i| (p[i] - bg[i]).powi(2)).sum::<f64>()).sqrt();
             if d > 80.0 {
-                n += 1;
                 *row += 1;
                 for i in 0..3 {
                     sum[i] += p[i];
@@ -96,6 +96,7 @@ pub fn analyse(img: &RgbImage) -> Analysis {
             }
         }
     }
+    let n: usize = rows.iter().sum();
     let coverage = n as f64 / (w * h) as f64;
     if n < 8 {
         return Analysis {
