@@ -11,10 +11,13 @@
 //! of gemm ([`tiled`]). Backward (training) is in closed form from the recomputed
 //! probabilities (the score matrix, once).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{fast_path, matmul_into, max, plain_gradients, simd_dispatch, sum_by, three_f32};
+use super::{
+    dot, fast_path, gemm_strided, matmul_into, max, plain_gradients, simd_dispatch, sum_by,
+    three_f32,
+};
 use crate::blocks::{softmax_last_dim, upcast};
 
 /// Queries per task: the score block (QUERIES x keys) stays in L2 for a few thousand
@@ -114,7 +117,8 @@ impl CustomOp3 for Sdpa {
     }
 
     /// In closed form from the recomputed probabilities P: dv = P^T g,
-    /// dS = P (g v^T - rowsum(P g v^T)), dq = scale dS k, dk = scale dS^T q.
+    /// dS = P (g v^T - rowsum(P g v^T)), dq = scale dS k, dk = scale dS^T q; fused on
+    /// the CPU ([`gradients`]), from differentiable ops elsewhere.
     fn bwd(
         &self,
         q: &Tensor,
@@ -124,18 +128,81 @@ impl CustomOp3 for Sdpa {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let scale = self.scale;
-        if q.dtype() != DType::F32 {
+        if !fast_path(&[q, k, v, grad]) {
             let [gq, gk, gv] = plain_gradients([q, k, v], grad, |[q, k, v]| plain(q, k, v, scale))?;
             return Ok((gq, gk, gv));
         }
-        let probs = softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-        let gv = probs.t()?.matmul(grad)?;
-        let gp = grad.matmul(&v.t()?)?;
-        let gs = (&probs * gp.broadcast_sub(&(&gp * &probs)?.sum_keepdim(D::Minus1)?)?)?;
-        let gq = (gs.matmul(k)? * scale)?;
-        let gk = (gs.t()?.matmul(q)? * scale)?;
-        Ok((Some(gq), Some(gk), Some(gv)))
+        let (b, h, n, d) = q.dims4()?;
+        let l = k.dim(2)?;
+        // copies of the inputs (n x d each) cost nothing next to the n x l products
+        let [q, k, v, g] = [q, k, v, grad].map(|t| t.flatten_all()?.to_vec1::<f32>());
+        let (gq, gk, gv) = gradients([&q?, &k?, &v?, &g?], (b * h, n, l, d), scale as f32);
+        let dev = grad.device();
+        Ok((
+            Some(Tensor::from_vec(gq, (b, h, n, d), dev)?),
+            Some(Tensor::from_vec(gk, (b, h, l, d), dev)?),
+            Some(Tensor::from_vec(gv, (b, h, l, d), dev)?),
+        ))
     }
+}
+
+/// The backward pass for `heads` heads of q and g (n, d), k and v (l, d): one task
+/// per head, walking its queries in blocks of [`QUERIES`] so that P and dS for a block
+/// (QUERIES x l each) stay in cache instead of the whole (n x l) matrices of the
+/// plain form's ops, each of which was written and read once per op (a third of a
+/// prior training step went there). dq is a block's own; dk and dv add up over blocks.
+#[allow(clippy::type_complexity)]
+fn gradients(
+    [q, k, v, g]: [&[f32]; 4],
+    (heads, n, l, d): (usize, usize, usize, usize),
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut gq, mut gk, mut gv) = (
+        vec![0f32; heads * n * d],
+        vec![0f32; heads * l * d],
+        vec![0f32; heads * l * d],
+    );
+    let qs = q
+        .par_chunks(n * d)
+        .zip(g.par_chunks(n * d))
+        .zip(gq.par_chunks_mut(n * d));
+    let kvs = k.par_chunks(l * d).zip(v.par_chunks(l * d));
+    let dkv = gk.par_chunks_mut(l * d).zip(gv.par_chunks_mut(l * d));
+    qs.zip(kvs)
+        .zip(dkv)
+        .for_each(|((((q, g), gq), (k, v)), (gk, gv))| {
+            let mut probs = vec![0f32; QUERIES.min(n) * l];
+            let mut dscores = vec![0f32; QUERIES.min(n) * l];
+            let blocks = q
+                .chunks(QUERIES * d)
+                .zip(g.chunks(QUERIES * d))
+                .zip(gq.chunks_mut(QUERIES * d));
+            for ((q, g), gq) in blocks {
+                let m = q.len() / d;
+                let (p, ds) = (&mut probs[..m * l], &mut dscores[..m * l]);
+                // P (m, l) = softmax(scale q k^T), k read transposed as in the forward pass
+                matmul_into(p, q, k, (m, d, l), (d, 1), scale);
+                for row in p.chunks_mut(l) {
+                    let norm = 1.0 / exp_normalised(row);
+                    row.iter_mut().for_each(|x| *x *= norm);
+                }
+                // dP = g v^T, then dS = P (dP - rowsum(P dP)) in place
+                matmul_into(ds, g, v, (m, d, l), (d, 1), 1.0);
+                for (ds, p) in ds.chunks_mut(l).zip(p.chunks(l)) {
+                    let centre = dot(ds, p);
+                    ds.iter_mut()
+                        .zip(p)
+                        .for_each(|(s, &p)| *s = p * (*s - centre));
+                }
+                matmul_into(gq, ds, k, (m, l, d), (1, d), scale);
+                // dk += scale dS^T q and dv += P^T g (from zero), the left operands
+                // read transposed
+                let none = gemm::Parallelism::None;
+                gemm_strided(gk, true, (ds, (l, 1)), (q, (1, d)), (l, m, d), scale, none);
+                gemm_strided(gv, true, (p, (l, 1)), (g, (1, d)), (l, m, d), 1.0, none);
+            }
+        });
+    (gq, gk, gv)
 }
 
 /// The same on our AVX-512 register tile, transposed so that the queries are the
@@ -350,14 +417,15 @@ mod tests {
 
     #[test]
     fn gradients_equal_the_plain_form() -> Result<()> {
-        // self-attention, and queries attending to a longer sequence (a caption)
-        for (queries, keys) in [(7, 7), (5, 11)] {
+        // self-attention, queries attending to a longer sequence (a caption), and
+        // several query blocks (the last one ragged) whose dk and dv add up
+        for (queries, keys, d) in [(7, 7, 8), (5, 11, 8), (300, 290, 16), (130, 77, 12)] {
             let vars: Vec<Var> = [queries, keys, keys]
                 .iter()
                 .enumerate()
-                .map(|(i, &n)| Var::from_tensor(&random(&[2, 3, n, 8], 10 + i as u64)?))
+                .map(|(i, &n)| Var::from_tensor(&random(&[2, 3, n, d], 10 + i as u64)?))
                 .collect::<Result<_>>()?;
-            let probe = random(&[2, 3, queries, 8], 20)?;
+            let probe = random(&[2, 3, queries, d], 20)?;
             let [q, k, v] = [&vars[0], &vars[1], &vars[2]].map(|v| v.as_tensor());
             let ours = (attention(q, k, v, 0.35)? * &probe)?
                 .sum_all()?

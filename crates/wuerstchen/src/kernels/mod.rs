@@ -239,12 +239,36 @@ fn gemm_f32(
     accumulate: bool,
     lhs: &[f32],
     rhs: &[f32],
-    (m, k, n): (usize, usize, usize),
-    (rhs_cs, rhs_rs): (usize, usize),
+    dims: (usize, usize, usize),
+    rhs_strides: (usize, usize),
     scale: f32,
     parallelism: gemm::Parallelism,
 ) {
-    assert!(dst.len() >= m * n && lhs.len() >= m * k);
+    let lhs_strides = (1, dims.1);
+    gemm_strided(
+        dst,
+        accumulate,
+        (lhs, lhs_strides),
+        (rhs, rhs_strides),
+        dims,
+        scale,
+        parallelism,
+    )
+}
+
+/// [`gemm_f32`] with both operands read through (column, row) strides, so that a
+/// transposed left operand (a backward pass's P^T) needs no copy either.
+fn gemm_strided(
+    dst: &mut [f32],
+    accumulate: bool,
+    (lhs, (lhs_cs, lhs_rs)): (&[f32], (usize, usize)),
+    (rhs, (rhs_cs, rhs_rs)): (&[f32], (usize, usize)),
+    (m, k, n): (usize, usize, usize),
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(dst.len() >= m * n);
+    assert!(m == 0 || k == 0 || lhs.len() > (k - 1) * lhs_cs + (m - 1) * lhs_rs);
     assert!(k == 0 || n == 0 || rhs.len() > (n - 1) * rhs_cs + (k - 1) * rhs_rs);
     // SAFETY: the asserts above keep every element the strides address in bounds.
     unsafe {
@@ -257,8 +281,8 @@ fn gemm_f32(
             n as isize,
             accumulate,
             lhs.as_ptr(),
-            1,
-            k as isize,
+            lhs_cs as isize,
+            lhs_rs as isize,
             rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
