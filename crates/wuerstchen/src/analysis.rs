@@ -9,7 +9,7 @@
 //! its corners are drawn.
 
 use crate::compressor::SemanticCompressor;
-use crate::dataset::{ShapeSpec, COLORS, SHAPES};
+use crate::dataset::{ShapeSpec, COLORS, POSITIONS, SHAPES};
 use crate::error::Result;
 use crate::image_io::{image_to_tensor, RgbImage};
 use crate::noise::{NoiseSource, SeededRng};
@@ -205,9 +205,17 @@ pub struct Evaluation {
     pub color: Confusion,
     pub background: Confusion,
     pub shape: Confusion,
-    /// the same three counts over the held-out captions only: (right, of)
-    pub held_out: [(usize, usize); 3],
+    /// the same three counts, (right, of), over groups of captions: the held-out
+    /// combinations, and by where the shape sits. A centred shape (no position, or
+    /// "center") lies on the middle of the feature map, the cells farthest from its
+    /// border: a prior that places those badly lacks the depth to know where it is
+    /// (each depthwise 3 x 3 conv sees one cell further; attention does not know
+    /// positions).
+    pub groups: [(&'static str, [(usize, usize); 3]); 3],
 }
+
+/// The groups of [`Evaluation::groups`], in order.
+const GROUPS: [&str; 3] = ["held-out captions", "centred", "in a corner"];
 
 impl Evaluation {
     pub fn new() -> Self {
@@ -216,7 +224,7 @@ impl Evaluation {
             color: Confusion::new(colors.clone()),
             background: Confusion::new(colors),
             shape: Confusion::new(SHAPES.to_vec()),
-            held_out: [(0, 0); 3],
+            groups: GROUPS.map(|g| (g, [(0, 0); 3])),
         }
     }
 
@@ -224,13 +232,15 @@ impl Evaluation {
         self.color.add(spec.color, found.color);
         self.background.add(spec.background, Some(found.background));
         self.shape.add(spec.shape, found.shape);
-        if spec.is_held_out() {
-            let right = [
-                found.color == Some(spec.color),
-                found.background == spec.background,
-                found.shape == Some(spec.shape),
-            ];
-            for (h, r) in self.held_out.iter_mut().zip(right) {
+        let right = [
+            found.color == Some(spec.color),
+            found.background == spec.background,
+            found.shape == Some(spec.shape),
+        ];
+        let centred = spec.position.is_none_or(|p| POSITIONS[p] == "center");
+        let member = [spec.is_held_out(), centred, !centred];
+        for (group, _) in self.groups.iter_mut().zip(member).filter(|(_, m)| *m) {
+            for (h, r) in group.1.iter_mut().zip(right) {
                 *h = (h.0 + usize::from(r), h.1 + 1);
             }
         }
@@ -250,16 +260,14 @@ impl std::fmt::Display for Evaluation {
             ("background", &self.background),
             ("shape", &self.shape),
         ];
-        for ((name, c), h) in parts.iter().zip(self.held_out) {
-            writeln!(
-                f,
-                "{name}: {}/{} right ({:.0}%), held-out captions {}/{}",
-                c.correct(),
-                c.total(),
-                100.0 * c.accuracy(),
-                h.0,
-                h.1
-            )?;
+        for (i, (name, c)) in parts.iter().enumerate() {
+            let (right, total) = (c.correct(), c.total());
+            let share = 100.0 * c.accuracy();
+            write!(f, "{name}: {right}/{total} right ({share:.0}%)")?;
+            for (group, counts) in &self.groups {
+                write!(f, ", {group} {}/{}", counts[i].0, counts[i].1)?;
+            }
+            writeln!(f)?;
         }
         for (name, c) in parts {
             write!(f, "\n{name} (rows asked, columns found)\n{c}")?;
@@ -421,8 +429,19 @@ mod tests {
         assert_eq!(e.background.correct(), 9);
         assert_eq!(e.color.total(), 9);
         assert_eq!(e.color.counts[blank.color][COLORS.len()], 1, "{}", e.color);
-        assert_eq!(e.held_out[1], (2, 2));
+        assert_eq!(e.groups[0].1[1], (2, 2));
+        // every caption is centred or in a corner; the blank one lost its shape
+        let centred = specs
+            .iter()
+            .chain([&blank])
+            .filter(|s| s.position.is_none_or(|p| POSITIONS[p] == "center"))
+            .count();
+        let (c, k) = (e.groups[1].1[2], e.groups[2].1[2]);
+        assert_eq!((c.1, c.1 + k.1, c.0 + k.0), (centred, 9, 8), "{e}");
         let text = e.to_string();
-        assert!(text.contains("background: 9/9 right (100%)"), "{text}");
+        assert!(
+            text.contains("background: 9/9 right (100%), held-out captions 2/2"),
+            "{text}"
+        );
     }
 }
