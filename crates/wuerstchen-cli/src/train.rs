@@ -67,6 +67,11 @@ pub struct TrainArgs {
     /// (prior/model_index.json `default_prior_guidance_scale`; diffusers' default is 4).
     #[arg(long)]
     default_prior_guidance: Option<f64>,
+    /// stage-c only: weigh each sample's error, in terms of the clean latent, by
+    /// max(alpha_bar, F) instead of P2's alpha_bar, so that the noisiest steps, where
+    /// the caption alone must say what goes where, are not weighted down to nothing.
+    #[arg(long)]
+    x0_weight_floor: Option<f64>,
     /// Store the exported weights in f16.
     #[arg(long)]
     export_f16: bool,
@@ -92,6 +97,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     if a.default_prior_guidance.is_some() && !matches!(a.stage, StageArg::StageC) {
         anyhow::bail!("--default-prior-guidance applies to stage-c only");
+    }
+    if a.x0_weight_floor.is_some() && !matches!(a.stage, StageArg::StageC) {
+        anyhow::bail!("--x0-weight-floor applies to stage-c only");
+    }
+    if let Some(f) = a.x0_weight_floor.filter(|f| !(0.0..=1.0).contains(f)) {
+        anyhow::bail!("--x0-weight-floor {f}: must lie in [0, 1]");
     }
     let data = ImageFolder::load(&a.data, None)?;
     let opts = TrainOptions {
@@ -161,6 +172,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 &device,
             )?;
             trainer.default_guidance = a.default_prior_guidance;
+            trainer.x0_weight_floor = a.x0_weight_floor.unwrap_or(0.0);
             Box::new(trainer)
         }
     };

@@ -401,6 +401,28 @@ fn text_encoder_and_stage_c_learn() {
         mean(&l[30..]) < mean(&l[..10]),
         "stage-c loss did not decrease"
     );
+
+    // --x0-weight-floor: refused where it means nothing or out of [0, 1]; from the same
+    // checkpoint the same step weighs its samples more (never less) than P2 does
+    let res = run(train_stage_a(&data, &out, 1, 1).args(["--x0-weight-floor", "0.5"]));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("stage-c only"));
+    let res = run(train_stage("stage-c", &data, &out, 41, 41).args(["--x0-weight-floor", "2"]));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("must lie in [0, 1]"));
+    let copy = dir.join("floored");
+    copy_dir(&out, &copy);
+    let p2 = train_ok("stage-c", &data, &out, 41, &["--lr", "1e-3"]);
+    let floored = train_ok(
+        "stage-c",
+        &data,
+        &copy,
+        41,
+        &["--lr", "1e-3", "--x0-weight-floor", "0.9"],
+    );
+    assert_eq!((p2.len(), floored.len()), (1, 1));
+    assert!(
+        floored[0].1 > p2[0].1 && floored[0].1.is_finite(),
+        "{p2:?} {floored:?}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

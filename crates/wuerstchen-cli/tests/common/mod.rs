@@ -17,7 +17,6 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// The `wuerstchen` binary under test.
 /// Copies a folder tree (following links, e.g. a fixture's tokenizer link).
 pub fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
@@ -32,6 +31,7 @@ pub fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// The `wuerstchen` binary under test.
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
 }

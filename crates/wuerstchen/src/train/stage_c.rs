@@ -31,6 +31,8 @@ pub struct StageCTrainer {
     feature_side: usize,
     /// declared in the exported model_index.json as the model's own prior guidance
     pub default_guidance: Option<f64>,
+    /// the least weight a sample's error gets in terms of the clean latent (0: P2)
+    pub x0_weight_floor: f64,
 }
 
 impl StageCTrainer {
@@ -67,6 +69,7 @@ impl StageCTrainer {
             image_size,
             feature_side,
             default_guidance: None,
+            x0_weight_floor: 0.0,
         })
     }
 }
@@ -97,10 +100,15 @@ impl StageTrainer for StageCTrainer {
         let noisy = self.scheduler.add_noise(&x0, &noise, &t)?;
         let r = Tensor::from_vec(t.clone(), b, dev)?;
         let pred = self.prior.forward(&noisy, &r, &text)?;
-        // P2 weighting (1 + abar / (1 - abar))^-1 = 1 - abar
+        // P2 weighting (1 + abar / (1 - abar))^-1 = 1 - abar. An error e in the clean
+        // latent is one of sqrt(abar / (1 - abar)) e in the noise, so P2 weighs it by
+        // abar: ~0 at the noisiest steps. With a floor F it weighs it by max(abar, F).
         let w: Vec<f32> = t
             .iter()
-            .map(|&t| 1.0 - self.scheduler.alpha_cumprod(t))
+            .map(|&t| {
+                let abar = self.scheduler.alpha_cumprod(t) as f64;
+                ((1.0 - abar) * (self.x0_weight_floor / abar).max(1.0)) as f32
+            })
             .collect();
         let w = Tensor::from_vec(w, (b, 1, 1, 1), dev)?;
         Ok((pred - noise)?.sqr()?.broadcast_mul(&w)?.mean_all()?)
