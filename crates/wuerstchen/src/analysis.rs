@@ -9,7 +9,7 @@
 //! its corners are drawn.
 
 use crate::compressor::SemanticCompressor;
-use crate::dataset::{ShapeSpec, COLORS, POSITIONS, SHAPES};
+use crate::dataset::{ShapeSpec, COLORS, SHAPES};
 use crate::error::Result;
 use crate::image_io::{image_to_tensor, RgbImage};
 use crate::noise::{NoiseSource, SeededRng};
@@ -208,9 +208,8 @@ pub struct Evaluation {
     /// the same three counts, (right, of), over groups of captions: the held-out
     /// combinations, and by where the shape sits. A centred shape (no position, or
     /// "center") lies on the middle of the feature map, the cells farthest from its
-    /// border: a prior that places those badly lacks the depth to know where it is
-    /// (each depthwise 3 x 3 conv sees one cell further; attention does not know
-    /// positions).
+    /// border, which a prior of few blocks cannot tell apart (each depthwise 3 x 3 conv
+    /// sees one cell further; attention does not know positions).
     pub groups: [(&'static str, [(usize, usize); 3]); 3],
 }
 
@@ -237,8 +236,7 @@ impl Evaluation {
             found.background == spec.background,
             found.shape == Some(spec.shape),
         ];
-        let centred = spec.position.is_none_or(|p| POSITIONS[p] == "center");
-        let member = [spec.is_held_out(), centred, !centred];
+        let member = [spec.is_held_out(), spec.is_centred(), !spec.is_centred()];
         for (group, _) in self.groups.iter_mut().zip(member).filter(|(_, m)| *m) {
             for (h, r) in group.1.iter_mut().zip(right) {
                 *h = (h.0 + usize::from(r), h.1 + 1);
@@ -434,7 +432,7 @@ mod tests {
         let centred = specs
             .iter()
             .chain([&blank])
-            .filter(|s| s.position.is_none_or(|p| POSITIONS[p] == "center"))
+            .filter(|s| s.is_centred())
             .count();
         let (c, k) = (e.groups[1].1[2], e.groups[2].1[2]);
         assert_eq!((c.1, c.1 + k.1, c.0 + k.0), (centred, 9, 8), "{e}");

@@ -72,6 +72,11 @@ impl ShapeSpec {
         HELD_OUT.contains(&(COLORS[self.color].0, SHAPES[self.shape]))
     }
 
+    /// Whether the shape sits in the middle of the image: no position, or "center".
+    pub fn is_centred(&self) -> bool {
+        self.position.is_none_or(|p| POSITIONS[p] == "center")
+    }
+
     /// Parses a caption of the grammar (the inverse of `caption`).
     pub fn parse(caption: &str) -> Option<Self> {
         let rest = caption.trim().strip_prefix("a ")?;

@@ -100,13 +100,8 @@ impl CustomOp3 for Sdpa {
             let m = rows.len() / d;
             let q = &q[bh * n * d + block * QUERIES * d..][..m * d];
             let (k, v) = (&k[bh * l * d..][..l * d], &v[bh * l * d..][..l * d]);
-            // scores (m, l) = q (m, d) k^T: k (l, d) read with column stride d
             let mut scores = vec![0f32; m * l];
-            matmul_into(&mut scores, q, k, (m, d, l), (d, 1), scale);
-            let mut norms = vec![0f32; m];
-            for (row, norm) in scores.chunks_mut(l).zip(&mut norms) {
-                *norm = 1.0 / exp_normalised(row);
-            }
+            let norms = exp_scores(&mut scores, q, k, (m, l, d), scale);
             // rows (m, d) = probabilities (m, l) v (l, d), then the softmax's normaliser
             matmul_into(rows, &scores, v, (m, l, d), (1, d), 1.0);
             for (row, norm) in rows.chunks_mut(d).zip(&norms) {
@@ -146,12 +141,28 @@ impl CustomOp3 for Sdpa {
     }
 }
 
+/// `scores` (m, l) = exp(scale q k^T - each row's max) for q (m, d) and k (l, d) (read
+/// transposed through its strides), and each row's softmax normaliser 1 / sum: the
+/// forward pass applies it to its output rows, the backward pass to the scores.
+fn exp_scores(
+    scores: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    (m, l, d): (usize, usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    matmul_into(scores, q, k, (m, d, l), (d, 1), scale);
+    scores
+        .chunks_mut(l)
+        .map(|row| 1.0 / exp_normalised(row))
+        .collect()
+}
+
 /// The backward pass for `heads` heads of q and g (n, d), k and v (l, d): one task
 /// per head, walking its queries in blocks of [`QUERIES`] so that P and dS for a block
 /// (QUERIES x l each) stay in cache instead of the whole (n x l) matrices of the
 /// plain form's ops, each of which was written and read once per op (a third of a
 /// prior training step went there). dq is a block's own; dk and dv add up over blocks.
-#[allow(clippy::type_complexity)]
 fn gradients(
     [q, k, v, g]: [&[f32]; 4],
     (heads, n, l, d): (usize, usize, usize, usize),
@@ -180,10 +191,9 @@ fn gradients(
             for ((q, g), gq) in blocks {
                 let m = q.len() / d;
                 let (p, ds) = (&mut probs[..m * l], &mut dscores[..m * l]);
-                // P (m, l) = softmax(scale q k^T), k read transposed as in the forward pass
-                matmul_into(p, q, k, (m, d, l), (d, 1), scale);
-                for row in p.chunks_mut(l) {
-                    let norm = 1.0 / exp_normalised(row);
+                // P (m, l) = softmax(scale q k^T), as the forward pass has it
+                let norms = exp_scores(p, q, k, (m, l, d), scale);
+                for (row, norm) in p.chunks_mut(l).zip(norms) {
                     row.iter_mut().for_each(|x| *x *= norm);
                 }
                 // dP = g v^T, then dS = P (dP - rowsum(P dP)) in place
