@@ -277,12 +277,15 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut on_image = |i: usize, spec: &ShapeSpec, image: &RgbImage, found: &Analysis| {
         let caption = spec.caption();
         eprintln!(
-            "{i:>3} {caption:<60} found {} {} on {}",
+            "{i:>3} {caption:<60} found {} {} on {}, at {}",
             found
                 .color
                 .map_or("-", |c| wuerstchen::dataset::COLORS[c].0),
             found.shape.map_or("-", |s| wuerstchen::dataset::SHAPES[s]),
             wuerstchen::dataset::COLORS[found.background].0,
+            found
+                .position
+                .map_or("-", |p| wuerstchen::dataset::POSITIONS[p]),
         );
         if let (Some(dir), Ok(())) = (&a.images, &saved) {
             let path = dir.join(format!("{i:03}-{}.png", caption.replace(' ', "_")));

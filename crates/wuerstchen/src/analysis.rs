@@ -6,10 +6,11 @@
 //! half over its bottom half (square and circle 1, the dataset's upright triangle
 //! 1/3). Fill alone cannot tell a triangle with softened tips from a circle (both fill
 //! ~0.7 of the box); the taper can, since a triangle stays narrow at the top however
-//! its corners are drawn.
+//! its corners are drawn. The shape's position is the grammar's position whose anchor
+//! is nearest the bounding box's centre.
 
 use crate::compressor::SemanticCompressor;
-use crate::dataset::{ShapeSpec, COLORS, SHAPES};
+use crate::dataset::{position_anchor, ShapeSpec, COLORS, POSITIONS, SHAPES};
 use crate::error::Result;
 use crate::image_io::{image_to_tensor, RgbImage};
 use crate::noise::{NoiseSource, SeededRng};
@@ -21,6 +22,8 @@ pub struct Analysis {
     pub background: usize,
     pub color: Option<usize>,
     pub shape: Option<usize>,
+    /// index into `POSITIONS`
+    pub position: Option<usize>,
     /// foreground share of the image and of its bounding box
     pub coverage: f64,
     pub fill: f64,
@@ -41,6 +44,17 @@ fn nearest_shape(fill: f64, taper: f64) -> usize {
     let d = |&(f, t): &(f64, f64)| ((fill - f) / 0.5).powi(2) + ((taper - t) / (2.0 / 3.0)).powi(2);
     (0..IDEAL_SHAPES.len())
         .min_by(|&a, &b| d(&IDEAL_SHAPES[a]).total_cmp(&d(&IDEAL_SHAPES[b])))
+        .unwrap_or(0)
+}
+
+/// The position whose anchor is nearest (x, y), fractions of width and height.
+fn nearest_position(x: f64, y: f64) -> usize {
+    let d = |p: usize| {
+        let (ax, ay) = position_anchor(p);
+        (x - ax).powi(2) + (y - ay).powi(2)
+    };
+    (0..POSITIONS.len())
+        .min_by(|&a, &b| d(a).total_cmp(&d(b)))
         .unwrap_or(0)
 }
 
@@ -103,6 +117,7 @@ pub fn analyse(img: &RgbImage) -> Analysis {
             background,
             color: None,
             shape: None,
+            position: None,
             coverage,
             fill: 0.0,
             taper: 0.0,
@@ -120,6 +135,10 @@ pub fn analyse(img: &RgbImage) -> Analysis {
         background,
         color: Some(nearest_color(mean)),
         shape: Some(nearest_shape(fill, taper)),
+        position: Some(nearest_position(
+            (x0 + x1 + 1) as f64 / (2 * w) as f64,
+            (y0 + y1 + 1) as f64 / (2 * h) as f64,
+        )),
         coverage,
         fill,
         taper,
@@ -205,12 +224,15 @@ pub struct Evaluation {
     pub color: Confusion,
     pub background: Confusion,
     pub shape: Confusion,
-    /// the same three counts, (right, of), over groups of captions: the held-out
+    /// where the shape was drawn (not part of issue 4's bar: it shows whether a prior
+    /// places what it draws)
+    pub position: Confusion,
+    /// the same four counts, (right, of), over groups of captions: the held-out
     /// combinations, and by where the shape sits. A centred shape (no position, or
     /// "center") lies on the middle of the feature map, the cells farthest from its
     /// border, which a prior of few blocks cannot tell apart (each depthwise 3 x 3 conv
     /// sees one cell further; attention does not know positions).
-    pub groups: [(&'static str, [(usize, usize); 3]); 3],
+    pub groups: [(&'static str, [(usize, usize); 4]); 3],
 }
 
 /// The groups of [`Evaluation::groups`], in order.
@@ -223,7 +245,8 @@ impl Evaluation {
             color: Confusion::new(colors.clone()),
             background: Confusion::new(colors),
             shape: Confusion::new(SHAPES.to_vec()),
-            groups: GROUPS.map(|g| (g, [(0, 0); 3])),
+            position: Confusion::new(POSITIONS.to_vec()),
+            groups: GROUPS.map(|g| (g, [(0, 0); 4])),
         }
     }
 
@@ -231,10 +254,13 @@ impl Evaluation {
         self.color.add(spec.color, found.color);
         self.background.add(spec.background, Some(found.background));
         self.shape.add(spec.shape, found.shape);
+        let asked_position = spec.position_or_centre();
+        self.position.add(asked_position, found.position);
         let right = [
             found.color == Some(spec.color),
             found.background == spec.background,
             found.shape == Some(spec.shape),
+            found.position == Some(asked_position),
         ];
         let member = [spec.is_held_out(), spec.is_centred(), !spec.is_centred()];
         for (group, _) in self.groups.iter_mut().zip(member).filter(|(_, m)| *m) {
@@ -257,6 +283,7 @@ impl std::fmt::Display for Evaluation {
             ("shape colour", &self.color),
             ("background", &self.background),
             ("shape", &self.shape),
+            ("shape position", &self.position),
         ];
         for (i, (name, c)) in parts.iter().enumerate() {
             let (right, total) = (c.correct(), c.total());
@@ -336,7 +363,7 @@ mod tests {
     #[test]
     fn reads_the_dataset_it_was_written_for() {
         let mut rng = SeededRng::new(5);
-        let (mut color, mut bg, mut shape) = (0, 0, 0);
+        let (mut color, mut bg, mut shape, mut position) = (0, 0, 0, 0);
         let n = 200;
         for i in 0..n {
             let spec = ShapeSpec::random(&mut rng, i % 4 == 0);
@@ -344,9 +371,12 @@ mod tests {
             color += usize::from(a.color == Some(spec.color));
             bg += usize::from(a.background == spec.background);
             shape += usize::from(a.shape == Some(spec.shape));
+            position += usize::from(a.position == Some(spec.position_or_centre()));
         }
-        println!("ground truth: color {color}/{n}, background {bg}/{n}, shape {shape}/{n}");
-        assert!(bg == n && color >= n * 97 / 100 && shape >= n * 90 / 100);
+        println!(
+            "ground truth: color {color}/{n}, background {bg}/{n}, shape {shape}/{n}, position {position}/{n}"
+        );
+        assert!(bg == n && color >= n * 97 / 100 && shape >= n * 90 / 100 && position == n);
     }
 
     /// A box blur of radius `r` along both axes, in place: applied twice it softens
@@ -428,6 +458,10 @@ mod tests {
         assert_eq!(e.color.total(), 9);
         assert_eq!(e.color.counts[blank.color][COLORS.len()], 1, "{}", e.color);
         assert_eq!(e.groups[0].1[1], (2, 2));
+        // rendered shapes are found where they were asked for; the blank one nowhere
+        assert_eq!(e.position.correct(), 8, "{}", e.position);
+        let asked = blank.position_or_centre();
+        assert_eq!(e.position.counts[asked][POSITIONS.len()], 1);
         // every caption is centred or in a corner; the blank one lost its shape
         let centred = specs
             .iter()

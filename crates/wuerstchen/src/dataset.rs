@@ -34,6 +34,20 @@ pub const POSITIONS: [&str; 5] = [
 ];
 pub const SIZES: [&str; 2] = ["small", "large"];
 
+/// Index of "center" in `POSITIONS`: where a caption without a position puts its shape.
+pub const CENTRE: usize = 4;
+
+/// Where a shape of position `POSITIONS[p]` is centred, as fractions of width and height.
+pub fn position_anchor(p: usize) -> (f64, f64) {
+    match POSITIONS[p] {
+        "top left" => (0.3, 0.3),
+        "top right" => (0.7, 0.3),
+        "bottom left" => (0.3, 0.7),
+        "bottom right" => (0.7, 0.7),
+        _ => (0.5, 0.5),
+    }
+}
+
 /// (foreground colour, shape) pairs kept out of every training set.
 pub const HELD_OUT: [(&str, &str); 3] = [
     ("cyan", "triangle"),
@@ -74,7 +88,12 @@ impl ShapeSpec {
 
     /// Whether the shape sits in the middle of the image: no position, or "center".
     pub fn is_centred(&self) -> bool {
-        self.position.is_none_or(|p| POSITIONS[p] == "center")
+        self.position_or_centre() == CENTRE
+    }
+
+    /// Index into `POSITIONS` of where the shape is drawn (no position: "center").
+    pub fn position_or_centre(&self) -> usize {
+        self.position.unwrap_or(CENTRE)
     }
 
     /// Parses a caption of the grammar (the inverse of `caption`).
@@ -128,13 +147,7 @@ impl ShapeSpec {
             Some(_) => 0.30,
             None => 0.22,
         };
-        let (cx, cy) = match self.position.map(|p| POSITIONS[p]) {
-            Some("top left") => (0.3, 0.3),
-            Some("top right") => (0.7, 0.3),
-            Some("bottom left") => (0.3, 0.7),
-            Some("bottom right") => (0.7, 0.7),
-            _ => (0.5, 0.5),
-        };
+        let (cx, cy) = position_anchor(self.position_or_centre());
         let (cx, cy) = (cx * s, cy * s);
         let inside = |x: f64, y: f64| -> bool {
             let (dx, dy) = (x - cx, y - cy);
