@@ -135,6 +135,13 @@ struct EvalArgs {
     /// rendering, the ceiling of what the prior can get from the decoder.
     #[arg(long)]
     from_compressor: Option<PathBuf>,
+    /// Judge the prior's denoising instead of generating: noise this semantic
+    /// compressor's features of each caption's own rendering to several levels and
+    /// print how much of them the prior recovers in one step, with the caption and
+    /// without. A prior that cannot recover them from the caption at the noisiest
+    /// levels draws from its own noise.
+    #[arg(long, conflicts_with_all = ["from_compressor", "images"])]
+    denoising: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -258,6 +265,25 @@ fn eval(a: EvalArgs) -> Result<()> {
         Device::Cpu,
         candle_core::DType::F32,
     )?;
+    let load_compressor = |dir: &std::path::Path| {
+        wuerstchen::compressor::SemanticCompressor::load(dir, candle_core::DType::F32, &Device::Cpu)
+    };
+    if let Some(dir) = &a.denoising {
+        let (compressor, _) = load_compressor(dir)?;
+        let rows = wuerstchen::analysis::denoising_errors(&pipeline, &compressor, a.count, a.seed)?;
+        println!("one-step estimates of the true features of {} captions (squared error relative to theirs)", a.count);
+        println!(
+            "{:>6} {:>9} {:>13} {:>16}",
+            "t", "alpha_bar", "with caption", "without caption"
+        );
+        for r in rows {
+            println!(
+                "{:>6.2} {:>9.4} {:>13.3} {:>16.3}",
+                r.t, r.alpha_bar, r.with_caption, r.without_caption
+            );
+        }
+        return Ok(());
+    }
     let recipe = a.sampling.over(pipeline.defaults());
     if let Some(dir) = &a.images {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -265,13 +291,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let compressor = a
         .from_compressor
         .as_deref()
-        .map(|dir| {
-            wuerstchen::compressor::SemanticCompressor::load(
-                dir,
-                candle_core::DType::F32,
-                &Device::Cpu,
-            )
-        })
+        .map(load_compressor)
         .transpose()?;
     let mut saved = Ok(());
     let mut on_image = |i: usize, spec: &ShapeSpec, image: &RgbImage, found: &Analysis| {

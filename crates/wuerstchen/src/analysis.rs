@@ -14,7 +14,7 @@ use crate::dataset::{position_anchor, ShapeSpec, COLORS, POSITIONS, SHAPES};
 use crate::error::Result;
 use crate::image_io::{image_to_tensor, RgbImage};
 use crate::noise::{NoiseSource, SeededRng};
-use crate::pipeline::{GenerationParams, WuerstchenPipeline};
+use crate::pipeline::{DenoisingError, GenerationParams, WuerstchenPipeline};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Analysis {
@@ -354,6 +354,32 @@ pub fn evaluate(
         on_image(i, spec, &image, &found);
     }
     Ok(eval)
+}
+
+/// Noise levels [`denoising_errors`] looks at: finer where the sampler starts, since
+/// that is where a prior has to place its shape from the caption alone.
+pub const DENOISING_TIMESTEPS: [f32; 9] = [0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.5, 0.3, 0.1];
+
+/// The prior's one-step estimates of the true features of the captions of
+/// `eval_specs(count, seed)` (this compressor's, of each caption's own rendering at the
+/// model's native size), at each of `DENOISING_TIMESTEPS`: see
+/// [`WuerstchenPipeline::prior_denoising_errors`].
+pub fn denoising_errors(
+    pipeline: &WuerstchenPipeline,
+    compressor: &SemanticCompressor,
+    count: usize,
+    seed: u64,
+) -> Result<Vec<DenoisingError>> {
+    let (width, _) = pipeline.native_size();
+    let specs = eval_specs(count, seed);
+    let images = specs
+        .iter()
+        .map(|s| image_to_tensor(&s.render(width)))
+        .collect::<Result<Vec<_>>>()?;
+    let features = compressor.forward(&candle_core::Tensor::stack(&images, 0)?)?;
+    let prompts: Vec<String> = specs.iter().map(ShapeSpec::caption).collect();
+    let mut rng = SeededRng::new(seed);
+    pipeline.prior_denoising_errors(&features, &prompts, &DENOISING_TIMESTEPS, &mut rng)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use crate::clip::ClipTextModel;
 use crate::config::{load_json, DiffNeXtConfig, PriorConfig, SchedulerConfig};
 use crate::error::{Error, Result};
 use crate::image_io::{tensor_to_images, RgbImage};
-use crate::noise::{Draw, NoiseSource};
+use crate::noise::{Draw, NoiseSource, SeededRng};
 use crate::scheduler::{default_stage_c_timesteps, DdpmWuerstchenScheduler};
 use crate::stage_a::PaellaVQModel;
 use crate::stage_b::WuerstchenDiffNeXt;
@@ -580,6 +580,85 @@ impl WuerstchenPipeline {
         self.decode_embeddings(&image_embeddings, params, noise, progress, cancel)
     }
 
+    /// How well the prior recovers known semantic features from noise, one step at a
+    /// time: for each `t`, `embeddings` (B, C, h, w: a semantic compressor's features
+    /// of images that `prompts` describe) are taken into the prior's latent space,
+    /// noised to `t` with draws from `rng`, and estimated back from the prior's noise
+    /// prediction, with each prompt and with the empty one. Errors are squared and
+    /// relative to the latents' own (0: exact; 1: no better than zeros). Where the
+    /// estimate from the caption is poor at the noisiest steps, the ones the sampler
+    /// starts from, the sampler has nothing to go on but its own noise, so a prior can
+    /// denoise well and still not draw what it is told.
+    pub fn prior_denoising_errors(
+        &self,
+        embeddings: &Tensor,
+        prompts: &[String],
+        ts: &[f32],
+        rng: &mut SeededRng,
+    ) -> Result<Vec<DenoisingError>> {
+        let b = embeddings.dim(0)?;
+        if prompts.len() != b {
+            return Err(Error::InvalidParameter(format!(
+                "{} prompts for {b} image embeddings",
+                prompts.len()
+            )));
+        }
+        let pc = &self.prior_config;
+        let x0 = embeddings
+            .to_device(&self.device)?
+            .to_dtype(DType::F32)?
+            .affine(1.0 / pc.latent_mean, pc.latent_std / pc.latent_mean)?;
+        // [each prompt's, the empty prompt's] embeddings, each (1 + 1, 77, D)
+        let texts = prompts
+            .iter()
+            .map(|p| {
+                let params = GenerationParams {
+                    prompt: p.clone(),
+                    negative_prompt: String::new(),
+                    num_images: 1,
+                    ..Default::default()
+                };
+                self.encode_text(&self.prior_dir, &self.loaded.prior_text, &params, true)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let with: Vec<Tensor> = texts
+            .iter()
+            .map(|t| t.narrow(0, 0, 1))
+            .collect::<candle_core::Result<_>>()?;
+        let without: Vec<Tensor> = texts
+            .iter()
+            .map(|t| t.narrow(0, 1, 1))
+            .collect::<candle_core::Result<_>>()?;
+        let text = Tensor::cat(&[Tensor::cat(&with, 0)?, Tensor::cat(&without, 0)?], 0)?;
+        let prior = self.prior()?;
+        let sched = self.scheduler(&self.prior_dir)?;
+        let x0_norm = x0.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        let mut errors = Vec::with_capacity(ts.len());
+        for &t in ts {
+            let noise = rng.randn(x0.dims(), &self.device)?;
+            let noisy = sched.add_noise(&x0, &noise, &vec![t; b])?;
+            let r = Tensor::full(t, 2 * b, &self.device)?;
+            let x = Tensor::cat(&[&noisy, &noisy], 0)?;
+            let eps = prior.forward(
+                &x.to_dtype(self.dtype)?,
+                &r.to_dtype(self.dtype)?,
+                &text.to_dtype(self.dtype)?,
+            )?;
+            let estimate = sched.estimate_x0(&eps.to_dtype(DType::F32)?, t, &x)?;
+            let err = |half: usize| -> Result<f64> {
+                let e = (estimate.narrow(0, half * b, b)? - &x0)?;
+                Ok(e.sqr()?.sum_all()?.to_scalar::<f32>()? as f64 / x0_norm)
+            };
+            errors.push(DenoisingError {
+                t,
+                alpha_bar: sched.alpha_cumprod(t),
+                with_caption: err(0)?,
+                without_caption: err(1)?,
+            });
+        }
+        Ok(errors)
+    }
+
     /// Stage B and Stage A on given image embeddings (B, C, h, w), the prior's output
     /// in [`generate`](Self::generate): also a way to see what the decoder makes of
     /// features it was trained on (a semantic compressor's, of a real image).
@@ -649,6 +728,17 @@ impl WuerstchenPipeline {
         let cfg: SchedulerConfig = optional_json(&root.join("scheduler/scheduler_config.json"))?;
         Ok(DdpmWuerstchenScheduler::new(cfg))
     }
+}
+
+/// One row of [`WuerstchenPipeline::prior_denoising_errors`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DenoisingError {
+    pub t: f32,
+    pub alpha_bar: f32,
+    /// relative squared error of the estimate with each image's own prompt
+    pub with_caption: f64,
+    /// the same with the empty prompt
+    pub without_caption: f64,
 }
 
 /// diffusers' `do_classifier_free_guidance`: guidance only above 1 (the negative

@@ -131,6 +131,13 @@ impl DdpmWuerstchenScheduler {
         mu + (noise * std as f64)?
     }
 
+    /// The clean sample implied by a noise prediction at `t`:
+    /// (x - sqrt(1 - ᾱ) eps) / sqrt(ᾱ).
+    pub fn estimate_x0(&self, eps: &Tensor, t: f32, sample: &Tensor) -> Result<Tensor> {
+        let abar = self.alpha_cumprod(t) as f64;
+        (sample - (eps * (1.0 - abar).sqrt())?)? / abar.sqrt()
+    }
+
     /// Forward diffusion for training: sqrt(ᾱ) x0 + sqrt(1 - ᾱ) noise, per sample.
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &[f32]) -> Result<Tensor> {
         let b = x0.dim(0)?;

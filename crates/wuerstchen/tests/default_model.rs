@@ -14,10 +14,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use wuerstchen::analysis::{evaluate, Evaluation, Features, EVAL_SEED};
+use wuerstchen::analysis::{
+    denoising_errors, eval_specs, evaluate, Evaluation, Features, DENOISING_TIMESTEPS, EVAL_SEED,
+};
 use wuerstchen::compressor::SemanticCompressor;
 use wuerstchen::default_model;
-use wuerstchen::noise::NoiseSource;
+use wuerstchen::image_io::image_to_tensor;
+use wuerstchen::noise::{NoiseSource, SeededRng};
 use wuerstchen::pipeline::{GenerationParams, WuerstchenPipeline};
 use wuerstchen::weights::FromFolder;
 
@@ -76,6 +79,58 @@ fn the_decoder_alone_paints_the_colours_of_true_features() {
     assert_eq!(eval.background.total(), 16);
     assert!(eval.background.accuracy() >= 0.9, "{eval}");
     assert!(eval.color.accuracy() >= 0.8, "{eval}");
+}
+
+/// The shipped prior recovers true features from noise better with their own captions
+/// than with none, and better than with each other's: the caption is what places
+/// things at the noisiest levels (`wuerstchen eval --denoising`), and the estimates
+/// come back in the order of the prompts.
+#[test]
+fn the_prior_recovers_true_features_from_their_captions() {
+    let (root, pipeline) = open_default_model("denoising");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default/compressor");
+    let (compressor, _) = SemanticCompressor::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let rows = denoising_errors(&pipeline, &compressor, 16, EVAL_SEED).unwrap();
+    // each caption's features beside the next caption's
+    let specs = eval_specs(16, EVAL_SEED);
+    let images: Vec<_> = specs
+        .iter()
+        .map(|s| image_to_tensor(&s.render(128)).unwrap())
+        .collect();
+    let features = compressor
+        .forward(&candle_core::Tensor::stack(&images, 0).unwrap())
+        .unwrap();
+    let mut shifted: Vec<String> = specs.iter().map(|s| s.caption()).collect();
+    shifted.rotate_left(1);
+    let mut rng = SeededRng::new(EVAL_SEED);
+    let wrong = pipeline
+        .prior_denoising_errors(&features, &shifted, &DENOISING_TIMESTEPS, &mut rng)
+        .unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+    for (r, w) in rows.iter().zip(&wrong) {
+        println!(
+            "t {:.2}: own captions {:.3}, none {:.3}, the next one's {:.3}",
+            r.t, r.with_caption, r.without_caption, w.with_caption
+        );
+        // the same noise draws, so the unconditional estimates agree
+        assert!((r.without_caption - w.without_caption).abs() < 1e-9);
+    }
+    let noisiest = (&rows[0], &wrong[0]);
+    assert_eq!(noisiest.0.t, 0.98);
+    assert!(
+        noisiest.0.with_caption < 0.5 * noisiest.0.without_caption,
+        "{rows:?}"
+    );
+    assert!(
+        noisiest.0.with_caption < 0.5 * noisiest.1.with_caption,
+        "{wrong:?}"
+    );
+    // nearly clean: little left to recover, with or without a caption
+    let last = rows.last().unwrap();
+    assert!(
+        last.with_caption < 0.01 && last.without_caption < 0.01,
+        "{rows:?}"
+    );
 }
 
 #[test]
