@@ -72,6 +72,11 @@ pub struct TrainArgs {
     /// the caption alone must say what goes where, are not weighted down to nothing.
     #[arg(long)]
     x0_weight_floor: Option<f64>,
+    /// stage-c only: draw timesteps as S u / (1 + (S - 1) u) of a uniform u (SD3's
+    /// shift), so that S > 1 trains the noisiest steps more often (S = 3: a quarter of
+    /// the samples above t = 0.9 instead of a tenth).
+    #[arg(long)]
+    timestep_shift: Option<f64>,
     /// Store the exported weights in f16.
     #[arg(long)]
     export_f16: bool,
@@ -103,6 +108,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     if let Some(f) = a.x0_weight_floor.filter(|f| !(0.0..=1.0).contains(f)) {
         anyhow::bail!("--x0-weight-floor {f}: must lie in [0, 1]");
+    }
+    if a.timestep_shift.is_some() && !matches!(a.stage, StageArg::StageC) {
+        anyhow::bail!("--timestep-shift applies to stage-c only");
+    }
+    if let Some(s) = a.timestep_shift.filter(|s| !(s.is_finite() && *s > 0.0)) {
+        anyhow::bail!("--timestep-shift {s}: must be a positive number");
     }
     let data = ImageFolder::load(&a.data, None)?;
     let opts = TrainOptions {
@@ -173,6 +184,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             )?;
             trainer.default_guidance = a.default_prior_guidance;
             trainer.x0_weight_floor = a.x0_weight_floor.unwrap_or(0.0);
+            trainer.timestep_shift = a.timestep_shift.unwrap_or(1.0);
             Box::new(trainer)
         }
     };

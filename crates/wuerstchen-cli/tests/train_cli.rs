@@ -408,6 +408,10 @@ fn text_encoder_and_stage_c_learn() {
     assert!(String::from_utf8_lossy(&res.stderr).contains("stage-c only"));
     let res = run(train_stage("stage-c", &data, &out, 41, 41).args(["--x0-weight-floor", "2"]));
     assert!(String::from_utf8_lossy(&res.stderr).contains("must lie in [0, 1]"));
+    let res = run(train_stage_a(&data, &out, 1, 1).args(["--timestep-shift", "3"]));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("stage-c only"));
+    let res = run(train_stage("stage-c", &data, &out, 41, 41).args(["--timestep-shift", "0"]));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("must be a positive number"));
     let copy = dir.join("floored");
     copy_dir(&out, &copy);
     let p2 = train_ok("stage-c", &data, &out, 41, &["--lr", "1e-3"]);

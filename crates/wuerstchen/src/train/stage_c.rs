@@ -33,6 +33,18 @@ pub struct StageCTrainer {
     pub default_guidance: Option<f64>,
     /// the least weight a sample's error gets in terms of the clean latent (0: P2)
     pub x0_weight_floor: f64,
+    /// > 1 draws more of the noisiest timesteps (see [`shift_timestep`]); 1: uniform
+    pub timestep_shift: f64,
+}
+
+/// SD3's timestep shift: maps a uniform draw u in [0, 1] to s u / (1 + (s - 1) u), so
+/// that s > 1 draws the noisy end more often (s = 3: a quarter of the draws above
+/// t = 0.9 instead of a tenth) while keeping both ends. The noisiest steps are where
+/// a prior must learn to place things from the caption alone, and where a small one
+/// learns slowest.
+pub fn shift_timestep(u: f32, shift: f64) -> f32 {
+    let u = u as f64;
+    (shift * u / (1.0 + (shift - 1.0) * u)) as f32
 }
 
 impl StageCTrainer {
@@ -70,6 +82,7 @@ impl StageCTrainer {
             feature_side,
             default_guidance: None,
             x0_weight_floor: 0.0,
+            timestep_shift: 1.0,
         })
     }
 }
@@ -95,7 +108,10 @@ impl StageTrainer for StageCTrainer {
         // pipeline, so the prior works in effnet space directly)
         let x0 = self.compressor.forward(images)?.detach();
         let text = self.text.embed(captions, rng, dev)?;
-        let t = uniform(rng, b);
+        let t: Vec<f32> = uniform(rng, b)
+            .into_iter()
+            .map(|u| shift_timestep(u, self.timestep_shift))
+            .collect();
         let noise = rng.randn(x0.dims(), dev)?;
         let noisy = self.scheduler.add_noise(&x0, &noise, &t)?;
         let r = Tensor::from_vec(t.clone(), b, dev)?;
@@ -182,5 +198,28 @@ pub fn default_config(c_cond: usize) -> PriorConfig {
         depth: 4,
         nhead: 4,
         dropout: 0.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timestep_shift_keeps_the_ends_and_draws_more_noise() {
+        for shift in [1.0, 3.0] {
+            assert_eq!(shift_timestep(0.0, shift), 0.0);
+            assert!((shift_timestep(1.0, shift) - 1.0).abs() < 1e-6);
+        }
+        // no shift: the draw itself
+        assert_eq!(shift_timestep(0.37, 1.0), 0.37);
+        // shift 3: monotone, and a quarter of uniform draws land above 0.9
+        let n = 10_000;
+        let t: Vec<f32> = (0..n)
+            .map(|i| shift_timestep(i as f32 / n as f32, 3.0))
+            .collect();
+        assert!(t.windows(2).all(|w| w[0] < w[1]));
+        let above = t.iter().filter(|&&t| t > 0.9).count() as f64 / n as f64;
+        assert!((above - 0.25).abs() < 0.002, "{above}");
     }
 }
