@@ -597,7 +597,7 @@ impl WuerstchenPipeline {
         rng: &mut SeededRng,
     ) -> Result<Vec<DenoisingError>> {
         let b = embeddings.dim(0)?;
-        if prompts.len() != b {
+        if prompts.len() != b || b == 0 {
             return Err(Error::InvalidParameter(format!(
                 "{} prompts for {b} image embeddings",
                 prompts.len()
@@ -608,8 +608,8 @@ impl WuerstchenPipeline {
             .to_device(&self.device)?
             .to_dtype(DType::F32)?
             .affine(1.0 / pc.latent_mean, pc.latent_std / pc.latent_mean)?;
-        // [each prompt's, the empty prompt's] embeddings, each (1 + 1, 77, D)
-        let texts = prompts
+        // each prompt's embeddings and the empty prompt's, (2, 77, D) per prompt
+        let pairs = prompts
             .iter()
             .map(|p| {
                 let params = GenerationParams {
@@ -621,29 +621,22 @@ impl WuerstchenPipeline {
                 self.encode_text(&self.prior_dir, &self.loaded.prior_text, &params, true)
             })
             .collect::<Result<Vec<_>>>()?;
-        let with: Vec<Tensor> = texts
-            .iter()
-            .map(|t| t.narrow(0, 0, 1))
-            .collect::<candle_core::Result<_>>()?;
-        let without: Vec<Tensor> = texts
-            .iter()
-            .map(|t| t.narrow(0, 1, 1))
-            .collect::<candle_core::Result<_>>()?;
-        let text = Tensor::cat(&[Tensor::cat(&with, 0)?, Tensor::cat(&without, 0)?], 0)?;
+        // the batch `generate` makes: [with each prompt..., with the empty one...]
+        let (_, l, d) = pairs[0].dims3()?;
+        let text = Tensor::stack(&pairs, 1)?.reshape((2 * b, l, d))?;
         let prior = self.prior()?;
         let sched = self.scheduler(&self.prior_dir)?;
         let x0_norm = x0.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        // as in `generate`: bf16 on the CPU keeps f32 activations
+        let act = crate::kernels::linear_kind::activation_dtype(self.dtype, &self.device);
+        let text = text.to_dtype(act)?;
         let mut errors = Vec::with_capacity(ts.len());
         for &t in ts {
             let noise = rng.randn(x0.dims(), &self.device)?;
             let noisy = sched.add_noise(&x0, &noise, &vec![t; b])?;
             let r = Tensor::full(t, 2 * b, &self.device)?;
             let x = Tensor::cat(&[&noisy, &noisy], 0)?;
-            let eps = prior.forward(
-                &x.to_dtype(self.dtype)?,
-                &r.to_dtype(self.dtype)?,
-                &text.to_dtype(self.dtype)?,
-            )?;
+            let eps = prior.forward(&x.to_dtype(act)?, &r.to_dtype(act)?, &text)?;
             let estimate = sched.estimate_x0(&eps.to_dtype(DType::F32)?, t, &x)?;
             let err = |half: usize| -> Result<f64> {
                 let e = (estimate.narrow(0, half * b, b)? - &x0)?;
