@@ -258,6 +258,9 @@ fn eval(a: EvalArgs) -> Result<()> {
     use wuerstchen::dataset::ShapeSpec;
     use wuerstchen::image_io::{encode_png, write_atomically, RgbImage};
     use wuerstchen::weights::FromFolder;
+    if a.count == 0 {
+        anyhow::bail!("--count 0: nothing to judge (at least 1 caption)");
+    }
     let (prior, decoder) = generate::locate_models(a.prior, a.decoder)?;
     let pipeline = wuerstchen::pipeline::WuerstchenPipeline::open(
         &prior,
