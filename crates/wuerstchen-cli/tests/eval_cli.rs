@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::bin;
+use common::{bin, stdout_of};
 
 fn compressor() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default/compressor")
@@ -14,16 +14,10 @@ fn compressor() -> std::path::PathBuf {
 /// helps there (the shipped prior places its shapes).
 #[test]
 fn denoising_prints_a_row_per_noise_level() {
-    let out = bin()
-        .args(["eval", "--count", "4", "--denoising"])
-        .arg(compressor())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = stdout_of(
+        bin()
+            .args(["eval", "--count", "4", "--denoising"])
+            .arg(compressor()),
     );
     let rows: Vec<Vec<f64>> = stdout
         .lines()

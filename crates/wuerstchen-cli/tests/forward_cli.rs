@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
-use common::{bin, fixtures, scratch};
+use common::{bin, fixtures, scratch, stdout_of};
 
 fn forward(component: &str, model: &Path, inputs: &Path, output: &Path) -> Output {
     bin()
@@ -172,24 +172,18 @@ fn bad_inputs_fail_cleanly() {
 
 #[test]
 fn bench_prints_the_json_contract() {
-    let out = bin()
-        .args([
-            "bench",
-            "--component",
-            "vqgan-decode",
-            "--width",
-            "128",
-            "--height",
-            "128",
-        ])
-        .args(["--runs", "2", "--warmup", "0", "--threads", "1", "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = stdout_of(
+        bin()
+            .args([
+                "bench",
+                "--component",
+                "vqgan-decode",
+                "--width",
+                "128",
+                "--height",
+                "128",
+            ])
+            .args(["--runs", "2", "--warmup", "0", "--threads", "1", "--json"]),
     );
     let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let row = &rows.as_array().unwrap()[0];

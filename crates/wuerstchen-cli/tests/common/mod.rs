@@ -36,6 +36,17 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wuerstchen"))
 }
 
+/// Runs `cmd`, which must succeed (its stderr is the failure message); its stdout.
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Starts `wuerstchen serve --port 0` on the fixture pipelines (plus `extra` flags);
 /// returns the child and the port it announced ("listening on http://127.0.0.1:PORT").
 /// Its stderr keeps being drained so it never blocks on a full pipe.
