@@ -330,8 +330,8 @@ pub fn evaluate(
         match features {
             Features::Prior => pipeline.generate(params, noise, progress, cancel),
             Features::Compressor(compressor) => {
-                let truth = image_to_tensor(&spec.render(params.width))?.unsqueeze(0)?;
-                let embeddings = compressor.forward(&truth)?;
+                let embeddings =
+                    true_features(compressor, std::slice::from_ref(spec), params.width)?;
                 pipeline.decode_embeddings(&embeddings, params, noise, progress, cancel)
             }
         }
@@ -356,6 +356,20 @@ pub fn evaluate(
     Ok(eval)
 }
 
+/// The compressor's features (B, C, h, w) of each spec's own rendering at
+/// `size` x `size`: what a prior should make from its caption.
+pub fn true_features(
+    compressor: &SemanticCompressor,
+    specs: &[ShapeSpec],
+    size: usize,
+) -> Result<candle_core::Tensor> {
+    let images = specs
+        .iter()
+        .map(|s| image_to_tensor(&s.render(size)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(compressor.forward(&candle_core::Tensor::stack(&images, 0)?)?)
+}
+
 /// Noise levels [`denoising_errors`] looks at: finer where the sampler starts, since
 /// that is where a prior has to place its shape from the caption alone.
 pub const DENOISING_TIMESTEPS: [f32; 9] = [0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.5, 0.3, 0.1];
@@ -370,13 +384,8 @@ pub fn denoising_errors(
     count: usize,
     seed: u64,
 ) -> Result<Vec<DenoisingError>> {
-    let (width, _) = pipeline.native_size();
     let specs = eval_specs(count, seed);
-    let images = specs
-        .iter()
-        .map(|s| image_to_tensor(&s.render(width)))
-        .collect::<Result<Vec<_>>>()?;
-    let features = compressor.forward(&candle_core::Tensor::stack(&images, 0)?)?;
+    let features = true_features(compressor, &specs, pipeline.native_size().0)?;
     let prompts: Vec<String> = specs.iter().map(ShapeSpec::caption).collect();
     let mut rng = SeededRng::new(seed);
     pipeline.prior_denoising_errors(&features, &prompts, &DENOISING_TIMESTEPS, &mut rng)

@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use wuerstchen::analysis::{
-    denoising_errors, eval_specs, evaluate, Evaluation, Features, DENOISING_TIMESTEPS, EVAL_SEED,
+    denoising_errors, eval_specs, evaluate, true_features, Evaluation, Features,
+    DENOISING_TIMESTEPS, EVAL_SEED,
 };
 use wuerstchen::compressor::SemanticCompressor;
 use wuerstchen::default_model;
-use wuerstchen::image_io::image_to_tensor;
 use wuerstchen::noise::{NoiseSource, SeededRng};
 use wuerstchen::pipeline::{GenerationParams, WuerstchenPipeline};
 use wuerstchen::weights::FromFolder;
@@ -93,13 +93,7 @@ fn the_prior_recovers_true_features_from_their_captions() {
     let rows = denoising_errors(&pipeline, &compressor, 16, EVAL_SEED).unwrap();
     // each caption's features beside the next caption's
     let specs = eval_specs(16, EVAL_SEED);
-    let images: Vec<_> = specs
-        .iter()
-        .map(|s| image_to_tensor(&s.render(128)).unwrap())
-        .collect();
-    let features = compressor
-        .forward(&candle_core::Tensor::stack(&images, 0).unwrap())
-        .unwrap();
+    let features = true_features(&compressor, &specs, 128).unwrap();
     let mut shifted: Vec<String> = specs.iter().map(|s| s.caption()).collect();
     shifted.rotate_left(1);
     let mut rng = SeededRng::new(EVAL_SEED);
