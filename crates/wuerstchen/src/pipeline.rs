@@ -506,6 +506,20 @@ impl WuerstchenPipeline {
         Ok(draws)
     }
 
+    /// Hidden states (n, 77, D) of n prompts, in one batch, by the text encoder of
+    /// the pipeline folder `root`.
+    fn encode_prompts(
+        &self,
+        root: &Path,
+        slot: &Mutex<Option<ClipTextModel>>,
+        prompts: &[&str],
+    ) -> Result<Tensor> {
+        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+        let encoder = self.text_encoder(root, slot)?;
+        let (ids, mask) = tokenizer.encode_tensors(prompts, &self.device)?;
+        Ok(encoder.forward(&ids, &mask)?)
+    }
+
     /// Text embeddings (B, 77, D) in f32: `num_images` copies of the prompt's, followed,
     /// when `guidance` is on, by as many of the negative prompt's.
     fn encode_text(
@@ -515,14 +529,11 @@ impl WuerstchenPipeline {
         params: &GenerationParams,
         guidance: bool,
     ) -> Result<Tensor> {
-        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
-        let encoder = self.text_encoder(root, slot)?;
         let mut prompts = vec![params.prompt.as_str()];
         if guidance {
             prompts.push(params.negative_prompt.as_str());
         }
-        let (ids, mask) = tokenizer.encode_tensors(&prompts, &self.device)?;
-        let hidden = encoder.forward(&ids, &mask)?; // (1 or 2, 77, D)
+        let hidden = self.encode_prompts(root, slot, &prompts)?; // (1 or 2, 77, D)
         let b = params.num_images;
         let (_, l, d) = hidden.dims3()?;
         // each row repeated num_images times: [cond x B, uncond x B]
@@ -608,22 +619,14 @@ impl WuerstchenPipeline {
             .to_device(&self.device)?
             .to_dtype(DType::F32)?
             .affine(1.0 / pc.latent_mean, pc.latent_std / pc.latent_mean)?;
-        // each prompt's embeddings and the empty prompt's, (2, 77, D) per prompt
-        let pairs = prompts
-            .iter()
-            .map(|p| {
-                let params = GenerationParams {
-                    prompt: p.clone(),
-                    negative_prompt: String::new(),
-                    num_images: 1,
-                    ..Default::default()
-                };
-                self.encode_text(&self.prior_dir, &self.loaded.prior_text, &params, true)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // the batch `generate` makes: [with each prompt..., with the empty one...]
-        let (_, l, d) = pairs[0].dims3()?;
-        let text = Tensor::stack(&pairs, 1)?.reshape((2 * b, l, d))?;
+        // the prompts and the empty one in one batch, then the batch `generate` makes:
+        // [with each prompt..., with the empty one (repeated)...]
+        let mut all: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        all.push("");
+        let hidden = self.encode_prompts(&self.prior_dir, &self.loaded.prior_text, &all)?;
+        let (_, l, d) = hidden.dims3()?;
+        let empty = hidden.narrow(0, b, 1)?.broadcast_as((b, l, d))?;
+        let text = Tensor::cat(&[&hidden.narrow(0, 0, b)?, &empty], 0)?;
         let prior = self.prior()?;
         let sched = self.scheduler(&self.prior_dir)?;
         let x0_norm = x0.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
