@@ -100,17 +100,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.freeze_compressor && !matches!(a.stage, StageArg::StageB) {
         anyhow::bail!("--freeze-compressor applies to stage-b only");
     }
-    if a.default_prior_guidance.is_some() && !matches!(a.stage, StageArg::StageC) {
-        anyhow::bail!("--default-prior-guidance applies to stage-c only");
-    }
-    if a.x0_weight_floor.is_some() && !matches!(a.stage, StageArg::StageC) {
-        anyhow::bail!("--x0-weight-floor applies to stage-c only");
+    let stage_c_flags = [
+        ("--default-prior-guidance", a.default_prior_guidance),
+        ("--x0-weight-floor", a.x0_weight_floor),
+        ("--timestep-shift", a.timestep_shift),
+    ];
+    for (flag, value) in stage_c_flags {
+        if value.is_some() && !matches!(a.stage, StageArg::StageC) {
+            anyhow::bail!("{flag} applies to stage-c only");
+        }
     }
     if let Some(f) = a.x0_weight_floor.filter(|f| !(0.0..=1.0).contains(f)) {
         anyhow::bail!("--x0-weight-floor {f}: must lie in [0, 1]");
-    }
-    if a.timestep_shift.is_some() && !matches!(a.stage, StageArg::StageC) {
-        anyhow::bail!("--timestep-shift applies to stage-c only");
     }
     if let Some(s) = a.timestep_shift.filter(|s| !(s.is_finite() && *s > 0.0)) {
         anyhow::bail!("--timestep-shift {s}: must be a positive number");
