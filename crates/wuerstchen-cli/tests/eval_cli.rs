@@ -7,7 +7,13 @@ use std::path::Path;
 use common::{bin, stdout_of};
 
 fn compressor() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default/compressor")
+    model_part("default/compressor")
+}
+
+fn model_part(part: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(part)
 }
 
 /// `--denoising` prints one row per noise level, noisiest first, and the caption
@@ -50,4 +56,19 @@ fn eval_refuses_nothing_to_judge_and_mixed_modes() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
     assert!(!Path::new("/tmp/never-written").exists());
+}
+
+/// The 16 x 16 compressor of models/next against the embedded 8 x 8 prior: the
+/// prior would denoise any map size, so the mismatch must be caught and named.
+#[test]
+fn denoising_refuses_a_compressor_of_another_map_size() {
+    let out = bin()
+        .args(["eval", "--count", "2", "--denoising"])
+        .arg(model_part("next/compressor"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("[2, 16, 16, 16]"), "{stderr}");
+    assert!(stderr.contains("[2, 16, 8, 8]"), "{stderr}");
 }
