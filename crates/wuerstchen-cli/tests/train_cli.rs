@@ -208,11 +208,32 @@ fn stage_b_learns_on_a_trained_stage_a_and_its_export_loads() {
     assert_eq!((cfg.downscale, cfg.c_hidden, cfg.c_out), (8, 8, 16));
     let x = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(compressor.forward(&x).unwrap().dims(), [1, 16, 4, 4]);
-    std::fs::write(&config, r#"{"downscale": 6}"#).unwrap();
-    let res = run(train_stage("stage-b", &data, &dir.join("bad"), 2, 2)
-        .arg("--compressor-config")
-        .arg(&config));
-    assert!(String::from_utf8_lossy(&res.stderr).contains("power of two"));
+    // and one that first scales the images: 32 px at 3/4 is 24, a 3 x 3 map
+    let scaled = dir.join("scaled");
+    copy_dir(&out.join("decoder/vqgan"), &scaled.join("decoder/vqgan"));
+    std::fs::write(
+        &config,
+        r#"{"downscale": 8, "c_hidden": 8, "input_scale": 0.75}"#,
+    )
+    .unwrap();
+    train_ok("stage-b", &data, &scaled, 2, &flags);
+    let (compressor, cfg) =
+        SemanticCompressor::load(&scaled.join("compressor"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(cfg.input_scale, 0.75);
+    assert_eq!(compressor.forward(&x).unwrap().dims(), [1, 16, 3, 3]);
+    for (bad, why) in [
+        (r#"{"downscale": 6}"#, "power of two"),
+        (
+            r#"{"input_scale": 1.5}"#,
+            "input_scale 1.5 is not in (0, 1]",
+        ),
+    ] {
+        std::fs::write(&config, bad).unwrap();
+        let res = run(train_stage("stage-b", &data, &dir.join("bad"), 2, 2)
+            .arg("--compressor-config")
+            .arg(&config));
+        assert!(String::from_utf8_lossy(&res.stderr).contains(why), "{bad}");
+    }
     // a bad or missing config is refused before anything is written under --out, and
     // the missing file is named with its cause once
     assert!(!dir.join("bad").exists());

@@ -1,8 +1,8 @@
 //! The semantic compressor: Würstchen's Stage B is conditioned on EfficientNetV2
 //! features mapped to 16 channels and normalised by a BatchNorm without affine. A
 //! pretrained EfficientNet cannot be downloaded here, so our small models train this
-//! stand-in with the same interface: images in [0, 1] -> (B, 16, H/f, W/f), unit
-//! variance per channel. It is needed for training only; generation never runs it.
+//! stand-in with the same interface: images in [0, 1] -> (B, 16, s H/f, s W/f) (s:
+//! `input_scale`, usually 1), unit variance per channel. It is needed for training only; generation never runs it.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -12,6 +12,7 @@ use crate::blocks::{conv2d, BatchNorm};
 use crate::config::Validate;
 use crate::flops::Conv2d;
 use crate::kernels::gelu::gelu;
+use crate::resize::resize_bicubic_aa;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -22,6 +23,11 @@ pub struct CompressorConfig {
     pub downscale: usize,
     /// Output channels; Stage C's `c_in` and Stage B's `effnet_embd`.
     pub c_out: usize,
+    /// The images are first resized (bicubic, antialiased) by this factor, so that
+    /// the map can be a size the downscale alone cannot make: 0.75 with downscale 8
+    /// makes 128 px a 12 x 12 map. Würstchen's Stage B training likewise feeds its
+    /// EfficientNet downscaled images. 1: no resize.
+    pub input_scale: f64,
 }
 
 impl Default for CompressorConfig {
@@ -31,6 +37,7 @@ impl Default for CompressorConfig {
             c_hidden: 32,
             downscale: 16,
             c_out: 16,
+            input_scale: 1.0,
         }
     }
 }
@@ -43,6 +50,9 @@ impl Validate for CompressorConfig {
                 self.downscale
             ));
         }
+        if !(self.input_scale > 0.0 && self.input_scale <= 1.0) {
+            return Err(format!("input_scale {} is not in (0, 1]", self.input_scale));
+        }
         Ok(())
     }
 }
@@ -53,6 +63,7 @@ pub struct SemanticCompressor {
     convs: Vec<Conv2d>,
     mapper: Conv2d,
     norm: BatchNorm,
+    input_scale: f64,
 }
 
 impl crate::weights::FromFolder for SemanticCompressor {
@@ -89,11 +100,18 @@ impl SemanticCompressor {
                 vb.pp("mapper").pp("0"),
             )?,
             norm: BatchNorm::new(cfg.c_out, false, vb.pp("mapper").pp("1"))?,
+            input_scale: cfg.input_scale,
         })
     }
 
     fn features(&self, images: &Tensor) -> Result<Tensor> {
-        let mut h = images.clone();
+        let mut h = if self.input_scale == 1.0 {
+            images.clone()
+        } else {
+            let (_, _, height, width) = images.dims4()?;
+            let side = |v: usize| ((v as f64 * self.input_scale).round() as usize).max(1);
+            resize_bicubic_aa(images, side(height), side(width))?
+        };
         for (i, conv) in self.convs.iter().enumerate() {
             h = conv.forward(&h)?;
             if i + 1 < self.convs.len() {
@@ -103,7 +121,7 @@ impl SemanticCompressor {
         self.mapper.forward(&h)
     }
 
-    /// images (B, 3, H, W) in [0, 1] -> (B, 16, H/f, W/f)
+    /// images (B, 3, H, W) in [0, 1] -> (B, 16, s H/f, s W/f)
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         self.norm.forward(&self.features(images)?)
     }

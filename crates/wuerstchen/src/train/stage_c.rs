@@ -139,9 +139,8 @@ impl StageTrainer for StageCTrainer {
             "diffusion_pytorch_model.safetensors",
         )?;
         // the pipeline-level numbers that make the sizes follow this model
-        let side = self.feature_side;
-        let resolution_multiple = self.image_size as f64 / side as f64;
-        let latent_dim_scale = (self.image_size / 4) as f64 / side as f64;
+        let (resolution_multiple, latent_dim_scale) =
+            size_ratios(self.image_size, self.feature_side);
         // the component table diffusers' model_index.json carries, then our numbers
         let shared = json!({
             "scheduler": ["diffusers", "DDPMWuerstchenScheduler"],
@@ -188,6 +187,27 @@ impl StageTrainer for StageCTrainer {
     }
 }
 
+/// model_index.json's `resolution_multiple` and `latent_dim_scale` for a model whose
+/// `image_size` px images make `side` x `side` semantic maps and Stage A latents a
+/// quarter of their side. diffusers sizes the latents as ceil(size /
+/// resolution_multiple) and int(that * latent_dim_scale): where a ratio is not a whole
+/// number (128 px over a 12 x 12 map), it is nudged a hair larger, so that f64
+/// rounding cannot push the first past or the second short of the whole number
+/// (12 x 8/3 is 31.99... in f64).
+pub fn size_ratios(image_size: usize, side: usize) -> (f64, f64) {
+    let nudge = |r: f64| {
+        if r.fract() == 0.0 {
+            r
+        } else {
+            r * (1.0 + 1e-9)
+        }
+    };
+    (
+        nudge(image_size as f64 / side as f64),
+        nudge((image_size / 4) as f64 / side as f64),
+    )
+}
+
 /// The default model's prior: 4 layers of 128 channels over the 8 x 8 features.
 pub fn default_config(c_cond: usize) -> PriorConfig {
     PriorConfig {
@@ -204,6 +224,32 @@ pub fn default_config(c_cond: usize) -> PriorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whatever the map, the exported ratios give back the trained sizes through
+    /// diffusers' arithmetic, at the native size and at twice and three times it.
+    #[test]
+    fn exported_ratios_give_back_the_map_and_latent_sizes() {
+        let mut nudged = 0;
+        for image in [32usize, 64, 96, 128, 256] {
+            for side in 1..=image / 4 {
+                let (rm, lds) = size_ratios(image, side);
+                nudged += usize::from(rm.fract() != 0.0);
+                for k in 1..=3 {
+                    let size = image * k;
+                    let (prior, decoder) = crate::pipeline::latent_sizes(size, size, rm, lds);
+                    assert_eq!(prior, (side * k, side * k), "{image} px, side {side}, x{k}");
+                    assert_eq!(
+                        decoder,
+                        (size / 4, size / 4),
+                        "{image} px, side {side}, x{k}"
+                    );
+                }
+            }
+        }
+        assert!(nudged > 100);
+        // whole ratios are written as they are
+        assert_eq!(size_ratios(128, 8), (16.0, 4.0));
+    }
 
     #[test]
     fn the_timestep_shift_keeps_the_ends_and_draws_more_noise() {
