@@ -58,7 +58,7 @@ fn eval_refuses_nothing_to_judge_and_mixed_modes() {
     assert!(!Path::new("/tmp/never-written").exists());
 }
 
-/// The 16 x 16 compressor of models/next against the embedded 8 x 8 prior: the
+/// The 12 x 12 compressor of models/next against the embedded 8 x 8 prior: the
 /// prior would denoise any map size, so the mismatch must be caught and named.
 #[test]
 fn denoising_refuses_a_compressor_of_another_map_size() {
@@ -69,6 +69,6 @@ fn denoising_refuses_a_compressor_of_another_map_size() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("[2, 16, 16, 16]"), "{stderr}");
+    assert!(stderr.contains("[2, 16, 12, 12]"), "{stderr}");
     assert!(stderr.contains("[2, 16, 8, 8]"), "{stderr}");
 }
