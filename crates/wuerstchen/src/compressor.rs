@@ -2,7 +2,8 @@
 //! features mapped to 16 channels and normalised by a BatchNorm without affine. A
 //! pretrained EfficientNet cannot be downloaded here, so our small models train this
 //! stand-in with the same interface: images in [0, 1] -> (B, 16, s H/f, s W/f) (s:
-//! `input_scale`, usually 1), unit variance per channel. It is needed for training only; generation never runs it.
+//! `input_scale`, usually 1), unit variance per channel. It is needed for training
+//! only; generation never runs it.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};

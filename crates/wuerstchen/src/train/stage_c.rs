@@ -192,8 +192,8 @@ impl StageTrainer for StageCTrainer {
 /// quarter of their side. diffusers sizes the latents as ceil(size /
 /// resolution_multiple) and int(that * latent_dim_scale): where a ratio is not a whole
 /// number (128 px over a 12 x 12 map), it is nudged a hair larger, so that f64
-/// rounding cannot push the first past or the second short of the whole number
-/// (12 x 8/3 is 31.99... in f64).
+/// rounding cannot push the first past or the second short of the whole number (the
+/// unnudged ratios miss by one at some sizes, e.g. 256 px over a 49-cell map).
 pub fn size_ratios(image_size: usize, side: usize) -> (f64, f64) {
     let nudge = |r: f64| {
         if r.fract() == 0.0 {
