@@ -618,14 +618,16 @@ impl WuerstchenPipeline {
         // the prior is fully convolutional: features of another map size or depth
         // would be denoised all the same (or fail deep in a conv), and give numbers
         // about nothing this prior ever generates
-        let (w, h) = self.native_size();
-        let (prior, _) = latent_sizes(w, h, pc.resolution_multiple, 1.0);
-        let want = [b, self.prior_c_in, prior.0, prior.1];
+        let native = self.defaults();
+        let (ph, pw) = self.sizes(&native)?.prior;
+        let want = [b, self.prior_c_in, ph, pw];
         if embeddings.dims() != want {
             return Err(Error::InvalidParameter(format!(
-                "image embeddings of shape {:?}, but this prior's latent at its native {w}x{h} is {want:?}: \
+                "image embeddings of shape {:?}, but this prior's latent at its native {}x{} is {want:?}: \
                  is the semantic compressor the one the prior was trained on?",
-                embeddings.dims()
+                embeddings.dims(),
+                native.width,
+                native.height
             )));
         }
         let x0 = embeddings
