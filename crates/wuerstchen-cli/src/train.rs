@@ -77,6 +77,12 @@ pub struct TrainArgs {
     /// the samples above t = 0.9 instead of a tenth).
     #[arg(long)]
     timestep_shift: Option<f64>,
+    /// stage-b only: the share of samples (0 to 1) whose features are blurred and
+    /// noised by a random amount (conditioning augmentation), so that the decoder
+    /// learns to take the shape from the caption when the prior's features are rough.
+    /// Not stored with the checkpoint: pass it again on a resume.
+    #[arg(long)]
+    effnet_augment: Option<f64>,
     /// Store the exported weights in f16.
     #[arg(long)]
     export_f16: bool,
@@ -99,6 +105,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     if a.freeze_compressor && !matches!(a.stage, StageArg::StageB) {
         anyhow::bail!("--freeze-compressor applies to stage-b only");
+    }
+    if a.effnet_augment.is_some() && !matches!(a.stage, StageArg::StageB) {
+        anyhow::bail!("--effnet-augment applies to stage-b only");
+    }
+    if let Some(p) = a.effnet_augment.filter(|p| !(0.0..=1.0).contains(p)) {
+        anyhow::bail!("--effnet-augment {p}: must lie in [0, 1]");
     }
     let stage_c_flags = [
         ("--default-prior-guidance", a.default_prior_guidance),
@@ -145,14 +157,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
             tr::run_config(&opts.out, "stage-a", given, tr::stage_a::default_config())?,
             &device,
         )?),
-        StageArg::StageB => Box::new(tr::stage_b::StageBTrainer::new(
-            tr::run_config(&opts.out, "stage-b", given, tr::stage_b::default_config(64))?,
-            compressor_config,
-            &opts.out,
-            &data,
-            &device,
-            a.freeze_compressor,
-        )?),
+        StageArg::StageB => {
+            let mut trainer = tr::stage_b::StageBTrainer::new(
+                tr::run_config(&opts.out, "stage-b", given, tr::stage_b::default_config(64))?,
+                compressor_config,
+                &opts.out,
+                &data,
+                &device,
+                a.freeze_compressor,
+            )?;
+            trainer.effnet_augment = a.effnet_augment.unwrap_or(0.0);
+            Box::new(trainer)
+        }
         StageArg::TextEncoder => {
             let Some(tok) = &a.tokenizer else {
                 anyhow::bail!("train text-encoder needs --tokenizer DIR (a CLIP tokenizer folder)");

@@ -41,6 +41,9 @@ pub struct StageBTrainer {
     scheduler: DdpmWuerstchenScheduler,
     /// The decoder pipeline's text encoder, for a config with attention blocks.
     text: Option<TextCondition>,
+    /// Share of samples whose features are degraded (see `degrade_features`); 0 by
+    /// default, as a diffusers-trained decoder sees them.
+    pub effnet_augment: f64,
 }
 
 impl StageBTrainer {
@@ -116,8 +119,40 @@ impl StageBTrainer {
             },
             scheduler: DdpmWuerstchenScheduler::new(SchedulerConfig::default()),
             text,
+            effnet_augment: 0.0,
         })
     }
+}
+
+/// Conditioning augmentation (Ho et al., "Cascaded Diffusion Models", 2021): a Stage C
+/// sample is rougher than the features a decoder trains on, blurred where the prior is
+/// unsure of an outline. A decoder that only ever saw true features copies their fine
+/// detail and, given a blob, draws a blob. For the samples picked (a `share` of them),
+/// each gets a strength w ~ U(0, 1): the features move a fraction w towards a 5 x 5
+/// blur of themselves and take Gaussian noise of w * 0.3 of their spread, so that only
+/// the caption (through the attention blocks) still says which shape it is.
+fn degrade_features(effnet: &Tensor, share: f64, rng: &mut SeededRng) -> Result<Tensor> {
+    let b = effnet.dim(0)?;
+    let picked = uniform(rng, b);
+    let strength = uniform(rng, b);
+    let w: Vec<f32> = picked
+        .iter()
+        .zip(&strength)
+        .map(|(&p, &s)| if (p as f64) < share { s } else { 0.0 })
+        .collect();
+    let dev = effnet.device();
+    let w = Tensor::from_vec(w, (b, 1, 1, 1), dev)?;
+    // two 3 x 3 box blurs, edges repeated so that a corner shape keeps its weight
+    let box3 = |x: &Tensor| -> Result<Tensor> {
+        Ok(x.pad_with_same(2, 1, 1)?
+            .pad_with_same(3, 1, 1)?
+            .avg_pool2d_with_stride((3, 3), (1, 1))?)
+    };
+    let blurred = box3(&box3(effnet)?)?;
+    let spread = effnet.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()? as f64;
+    let noise = (rng.randn(effnet.dims(), dev)? * (0.3 * spread))?;
+    let shift = ((blurred - effnet)? + noise)?;
+    Ok((effnet + shift.broadcast_mul(&w)?)?)
 }
 
 impl StageTrainer for StageBTrainer {
@@ -145,6 +180,12 @@ impl StageTrainer for StageBTrainer {
             let (effnet, mean, var) = self.compressor.forward_train(images)?;
             let (_, _, h, w) = effnet.dims4()?;
             fold_batch_stats(&self.varmap, "compressor.mapper.1", &mean, &var, b * h * w)?;
+            effnet
+        };
+        // degraded before the dropout, so that the unconditional mode stays all zeros
+        let effnet = if self.effnet_augment > 0.0 {
+            degrade_features(&effnet, self.effnet_augment, rng)?
+        } else {
             effnet
         };
         let keep: Vec<f32> = uniform(rng, b)
@@ -222,5 +263,55 @@ pub fn default_config(clip_embd: usize) -> DiffNeXtConfig {
         clip_embd,
         kernel_size: 3,
         dropout: crate::config::DropoutSpec::One(0.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 64 copies of a 12 x 12 map that is zero but for a spike of 1 in the middle.
+    fn spikes() -> Tensor {
+        let mut v = vec![0f32; 12 * 12];
+        v[6 * 12 + 6] = 1.0;
+        Tensor::from_vec(v, (1, 1, 12, 12), &Device::Cpu)
+            .unwrap()
+            .repeat((64, 2, 1, 1))
+            .unwrap()
+    }
+
+    fn mean_at(x: &Tensor, y: usize, xx: usize) -> f32 {
+        x.narrow(2, y, 1)
+            .unwrap()
+            .narrow(3, xx, 1)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn degraded_features_spread_a_spike_to_its_neighbours() {
+        let f = spikes();
+        let kept = degrade_features(&f, 0.0, &mut SeededRng::new(1)).unwrap();
+        let diff = (&kept - &f).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(
+            diff.to_scalar::<f32>().unwrap(),
+            0.0,
+            "share 0 leaves them alone"
+        );
+
+        let d = degrade_features(&f, 1.0, &mut SeededRng::new(1)).unwrap();
+        assert_eq!(d.dims(), f.dims());
+        // the 5 x 5 blur, (1 2 3 2 1) / 9 each way, keeps 1/9 of the spike in place and
+        // gives 2/27 to each neighbour; w ~ U(0, 1) moves half of the way on average
+        let (centre, next, far) = (mean_at(&d, 6, 6), mean_at(&d, 6, 7), mean_at(&d, 6, 10));
+        assert!((0.4..0.75).contains(&centre), "centre {centre}");
+        assert!((0.02..0.15).contains(&next), "neighbour {next}");
+        assert!(
+            far.abs() < 0.02,
+            "three cells off the blur reaches nothing: {far}"
+        );
     }
 }
