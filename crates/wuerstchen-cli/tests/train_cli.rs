@@ -195,6 +195,28 @@ fn stage_b_learns_on_a_trained_stage_a_and_its_export_loads() {
     // and it is refused where it means nothing
     let res = run(train_stage_a(&data, &out, 1, 1).arg("--freeze-compressor"));
     assert!(String::from_utf8_lossy(&res.stderr).contains("stage-b only"));
+    // conditioning augmentation on every sample: the run goes on, the compressor stays
+    let d_before = std::fs::read(&decoder).unwrap();
+    let res = run(train_stage("stage-b", &data, &out, 66, 66).args([
+        "--freeze-compressor",
+        "--effnet-augment",
+        "1",
+    ]));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    let l = losses(&stderr);
+    assert_eq!(l.iter().map(|x| x.0).collect::<Vec<_>>(), [65, 66]);
+    assert!(l.iter().all(|x| x.1.is_finite()));
+    assert_eq!(std::fs::read(&compressor).unwrap(), c_before);
+    assert_ne!(std::fs::read(&decoder).unwrap(), d_before);
+    let res = run(train_stage_a(&data, &out, 1, 1).args(["--effnet-augment", "0.5"]));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("stage-b only"));
+    let res = run(train_stage("stage-b", &data, &out, 67, 67).args(["--effnet-augment", "1.5"]));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        stderr.contains("--effnet-augment 1.5: must lie in [0, 1]"),
+        "{stderr}"
+    );
 
     // a compressor of another config: a finer map (downscale 8: 4 x 4 at 32 px)
     let finer = dir.join("finer");
