@@ -97,11 +97,12 @@ impl StageBTrainer {
         };
         // diffusers' `_init_weights`: a zero output head (b = sigmoid(bias) instead of
         // a random scale near 1e-3 that would blow the first losses up to ~1e3) and
-        // zero timestep modulation
+        // zero timestep modulation (the TimestepBlocks' `mapper`). The text's
+        // `clip_mapper` stays random, as there: zeroed, every token would map to its
+        // bias, and the LayerNorm after it (no affine) would see a constant input, where
+        // its gradient is 1 / sqrt(eps) = 1e3 and swamps the clipped global norm.
         for (name, var) in varmap.data().lock().unwrap().iter() {
-            if name == "decoder.clf.1.weight"
-                || name.ends_with("mapper.weight") && !name.contains("effnet")
-            {
+            if name == "decoder.clf.1.weight" || name.ends_with(".mapper.weight") {
                 var.set(&var.as_tensor().zeros_like()?)?;
             }
         }
