@@ -493,12 +493,22 @@ impl WuerstchenPipeline {
         })
     }
 
+    /// The prior's latents (b, c_in, ph, pw) of b images at these sizes.
+    fn prior_shape(&self, b: usize, s: &Sizes) -> [usize; 4] {
+        [b, self.prior_c_in, s.prior.0, s.prior.1]
+    }
+
+    /// The decoder's latents (b, c_in, dh, dw) of b images at these sizes.
+    fn decoder_shape(&self, b: usize, s: &Sizes) -> [usize; 4] {
+        [b, self.decoder.c_in, s.decoder.0, s.decoder.1]
+    }
+
     /// Every random draw the run will make, in order, with its shape.
     pub fn planned_draws(&self, params: &GenerationParams) -> Result<Vec<(Draw, Vec<usize>)>> {
         let s = self.sizes(params)?;
         let b = params.num_images;
-        let p = vec![b, self.prior_c_in, s.prior.0, s.prior.1];
-        let d = vec![b, self.decoder.c_in, s.decoder.0, s.decoder.1];
+        let p = self.prior_shape(b, &s).to_vec();
+        let d = self.decoder_shape(b, &s).to_vec();
         let mut draws = vec![(Draw::PriorInit, p.clone())];
         draws.extend((0..params.prior_calls()).map(|i| (Draw::PriorStep(i), p.clone())));
         draws.push((Draw::DecoderInit, d.clone()));
@@ -571,7 +581,7 @@ impl WuerstchenPipeline {
             Some(n) => sched.set_steps(n),
             None => sched.set_timesteps(default_stage_c_timesteps()),
         }
-        let shape = [b, self.prior_c_in, sizes.prior.0, sizes.prior.1];
+        let shape = self.prior_shape(b, &sizes);
         let latents = denoise(
             Stage::Prior,
             &sched,
@@ -619,8 +629,7 @@ impl WuerstchenPipeline {
         // would be denoised all the same (or fail deep in a conv), and give numbers
         // about nothing this prior ever generates
         let native = self.defaults();
-        let (ph, pw) = self.sizes(&native)?.prior;
-        let want = [b, self.prior_c_in, ph, pw];
+        let want = self.prior_shape(b, &self.sizes(&native)?);
         if embeddings.dims() != want {
             return Err(Error::InvalidParameter(format!(
                 "image embeddings of shape {:?}, but this prior's latent at its native {}x{} is {want:?}: \
@@ -712,7 +721,7 @@ impl WuerstchenPipeline {
         let decoder = self.decoder()?;
         let mut sched = self.scheduler(&self.decoder_dir)?;
         sched.set_steps(params.decoder_steps);
-        let shape = [b, self.decoder.c_in, sizes.decoder.0, sizes.decoder.1];
+        let shape = self.decoder_shape(b, &sizes);
         let latents = denoise(
             Stage::Decoder,
             &sched,
