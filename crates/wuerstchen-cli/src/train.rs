@@ -5,15 +5,27 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
+use wuerstchen::config::Validate;
 use wuerstchen::train::data::ImageFolder;
 use wuerstchen::train::{self as tr, StageTrainer, TrainOptions};
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 pub enum StageArg {
     StageA,
     StageB,
     TextEncoder,
     StageC,
+}
+
+impl StageArg {
+    fn name(self) -> &'static str {
+        match self {
+            StageArg::StageA => "stage-a",
+            StageArg::StageB => "stage-b",
+            StageArg::TextEncoder => "text-encoder",
+            StageArg::StageC => "stage-c",
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -70,17 +82,19 @@ pub struct TrainArgs {
     /// stage-c only: weigh each sample's error, in terms of the clean latent, by
     /// max(alpha_bar, F) instead of P2's alpha_bar, so that the noisiest steps, where
     /// the caption alone must say what goes where, are not weighted down to nothing.
+    /// A resume that does not name it goes on with the value the run last used.
     #[arg(long)]
     x0_weight_floor: Option<f64>,
     /// stage-c only: draw timesteps as S u / (1 + (S - 1) u) of a uniform u (SD3's
     /// shift), so that S > 1 trains the noisiest steps more often (S = 3: a quarter of
     /// the samples above t = 0.9 instead of a tenth).
+    /// A resume that does not name it goes on with the value the run last used.
     #[arg(long)]
     timestep_shift: Option<f64>,
     /// stage-b only: the share of samples (0 to 1) whose features are blurred and
     /// noised by a random amount (conditioning augmentation), so that the decoder
     /// learns to take the shape from the caption when the prior's features are rough.
-    /// Not stored with the checkpoint: pass it again on a resume.
+    /// A resume that does not name it goes on with the value the run last used.
     #[arg(long)]
     effnet_augment: Option<f64>,
     /// Store the exported weights in f16.
@@ -106,27 +120,28 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.freeze_compressor && !matches!(a.stage, StageArg::StageB) {
         anyhow::bail!("--freeze-compressor applies to stage-b only");
     }
-    if a.effnet_augment.is_some() && !matches!(a.stage, StageArg::StageB) {
-        anyhow::bail!("--effnet-augment applies to stage-b only");
-    }
-    if let Some(p) = a.effnet_augment.filter(|p| !(0.0..=1.0).contains(p)) {
-        anyhow::bail!("--effnet-augment {p}: must lie in [0, 1]");
-    }
-    let stage_c_flags = [
-        ("--default-prior-guidance", a.default_prior_guidance),
-        ("--x0-weight-floor", a.x0_weight_floor),
-        ("--timestep-shift", a.timestep_shift),
+    let stage_flags = [
+        (
+            "--default-prior-guidance",
+            a.default_prior_guidance,
+            StageArg::StageC,
+        ),
+        ("--x0-weight-floor", a.x0_weight_floor, StageArg::StageC),
+        ("--timestep-shift", a.timestep_shift, StageArg::StageC),
+        ("--effnet-augment", a.effnet_augment, StageArg::StageB),
     ];
-    for (flag, value) in stage_c_flags {
-        if value.is_some() && !matches!(a.stage, StageArg::StageC) {
-            anyhow::bail!("{flag} applies to stage-c only");
+    for (flag, value, stage) in stage_flags {
+        if value.is_some() && a.stage != stage {
+            anyhow::bail!("{flag} applies to {} only", stage.name());
         }
     }
-    if let Some(f) = a.x0_weight_floor.filter(|f| !(0.0..=1.0).contains(f)) {
-        anyhow::bail!("--x0-weight-floor {f}: must lie in [0, 1]");
-    }
-    if let Some(s) = a.timestep_shift.filter(|s| !(s.is_finite() && *s > 0.0)) {
-        anyhow::bail!("--timestep-shift {s}: must be a positive number");
+    let given_loss = tr::LossOptions {
+        x0_weight_floor: a.x0_weight_floor,
+        timestep_shift: a.timestep_shift,
+        effnet_augment: a.effnet_augment,
+    };
+    if let Err(why) = given_loss.validate() {
+        anyhow::bail!(why);
     }
     let data = ImageFolder::load(&a.data, None)?;
     let opts = TrainOptions {
@@ -152,6 +167,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
         None => Default::default(),
     };
     let given = a.config.as_deref();
+    // after the model config, so that a refused one leaves nothing behind; a resume
+    // that does not name an option goes on with the one it last used, said here
+    let loss_options = |stage: &str| -> Result<tr::LossOptions> {
+        let loss = tr::run_loss_options(&opts.out, stage, given_loss)?;
+        if loss != tr::LossOptions::default() {
+            eprintln!("{stage}: {}", loss.flags());
+        }
+        Ok(loss)
+    };
     let mut trainer: Box<dyn StageTrainer> = match a.stage {
         StageArg::StageA => Box::new(tr::stage_a::StageATrainer::new(
             tr::run_config(&opts.out, "stage-a", given, tr::stage_a::default_config())?,
@@ -166,7 +190,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 &device,
                 a.freeze_compressor,
             )?;
-            trainer.effnet_augment = a.effnet_augment.unwrap_or(0.0);
+            trainer.effnet_augment = loss_options("stage-b")?.effnet_augment.unwrap_or(0.0);
             Box::new(trainer)
         }
         StageArg::TextEncoder => {
@@ -199,9 +223,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 data.size,
                 &device,
             )?;
+            let loss = loss_options("stage-c")?;
             trainer.default_guidance = a.default_prior_guidance;
-            trainer.x0_weight_floor = a.x0_weight_floor.unwrap_or(0.0);
-            trainer.timestep_shift = a.timestep_shift.unwrap_or(1.0);
+            trainer.x0_weight_floor = loss.x0_weight_floor.unwrap_or(0.0);
+            trainer.timestep_shift = loss.timestep_shift.unwrap_or(1.0);
             Box::new(trainer)
         }
     };

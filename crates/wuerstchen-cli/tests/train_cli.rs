@@ -470,6 +470,37 @@ fn text_encoder_and_stage_c_learn() {
         floored[0].1 > p2[0].1 && floored[0].1.is_finite(),
         "{p2:?} {floored:?}"
     );
+    // the floor is kept with the checkpoint: a resume that does not name it weighs
+    // step 42 as one that names it again, to the last digit, and says so
+    let (named, unfloored) = (dir.join("floor-named"), dir.join("unfloored"));
+    copy_dir(&copy, &named);
+    copy_dir(&copy, &unfloored);
+    let res = run(train_stage("stage-c", &data, &copy, 42, 42).args(["--lr", "1e-3"]));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("stage-c: --x0-weight-floor 0.9"),
+        "{stderr}"
+    );
+    let again = train_ok(
+        "stage-c",
+        &data,
+        &named,
+        42,
+        &["--lr", "1e-3", "--x0-weight-floor", "0.9"],
+    );
+    assert_eq!(losses(&stderr), again);
+    let p2_again = train_ok(
+        "stage-c",
+        &data,
+        &unfloored,
+        42,
+        &["--lr", "1e-3", "--x0-weight-floor", "0"],
+    );
+    assert_ne!(
+        p2_again, again,
+        "this step's weights do not tell the floor apart"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -135,6 +135,79 @@ fn checkpoint_path(out: &Path, stage: &str) -> PathBuf {
     out.join("checkpoints").join(format!("{stage}.safetensors"))
 }
 
+/// A stage's loss options: how it weighs and perturbs its samples, not what model it
+/// trains. Each is `None` where not given (the stage's own default applies).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossOptions {
+    /// stage-c: `--x0-weight-floor`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x0_weight_floor: Option<f64>,
+    /// stage-c: `--timestep-shift`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestep_shift: Option<f64>,
+    /// stage-b: `--effnet-augment`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub effnet_augment: Option<f64>,
+}
+
+impl LossOptions {
+    /// As command-line flags, e.g. `--timestep-shift 2 --x0-weight-floor 1`.
+    pub fn flags(&self) -> String {
+        [
+            ("--x0-weight-floor", self.x0_weight_floor),
+            ("--timestep-shift", self.timestep_shift),
+            ("--effnet-augment", self.effnet_augment),
+        ]
+        .iter()
+        .filter_map(|(flag, v)| v.map(|v| format!("{flag} {v}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+    }
+}
+
+impl Validate for LossOptions {
+    fn validate(&self) -> std::result::Result<(), String> {
+        let unit = |flag: &str, v: Option<f64>| match v {
+            Some(v) if !(0.0..=1.0).contains(&v) => Err(format!("{flag} {v}: must lie in [0, 1]")),
+            _ => Ok(()),
+        };
+        unit("--x0-weight-floor", self.x0_weight_floor)?;
+        unit("--effnet-augment", self.effnet_augment)?;
+        match self.timestep_shift {
+            Some(s) if !(s.is_finite() && s > 0.0) => {
+                Err(format!("--timestep-shift {s}: must be a positive number"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The loss options a run goes on with. Unlike the model config they may change on a
+/// resume (a curriculum), but a resume that does not name one keeps the value the run
+/// last used: they are saved as `checkpoints/<stage>.loss.json`, which is trusted
+/// only beside a checkpoint. Returns the options in effect, `given` over saved.
+pub fn run_loss_options(out: &Path, stage: &str, given: LossOptions) -> Result<LossOptions> {
+    given.validate().map_err(Error::InvalidInput)?;
+    let saved = out.join("checkpoints").join(format!("{stage}.loss.json"));
+    let options = if checkpoint_path(out, stage).is_file() && saved.is_file() {
+        let s: LossOptions = load_config(&saved)?;
+        LossOptions {
+            x0_weight_floor: given.x0_weight_floor.or(s.x0_weight_floor),
+            timestep_shift: given.timestep_shift.or(s.timestep_shift),
+            effnet_augment: given.effnet_augment.or(s.effnet_augment),
+        }
+    } else {
+        given
+    };
+    let dir = out.join("checkpoints");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let json = serde_json::to_string_pretty(&options)
+        .map_err(|e| Error::InvalidInput(format!("loss options of {stage}: {e}")))?;
+    write_atomically(&saved, json.as_bytes())?;
+    Ok(options)
+}
+
 /// The model config a run trains. A fresh run saves it beside its checkpoint
 /// (`checkpoints/<stage>.config.json`), so a resumed run rebuilds
 /// the same model without being told again; otherwise it is `given` (a config.json in
