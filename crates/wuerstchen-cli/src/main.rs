@@ -96,10 +96,10 @@ struct SamplingArgs {
     prior_guidance: Option<f64>,
     #[arg(long, default_value_t = 12)]
     decoder_steps: usize,
-    /// Classifier-free guidance of the decoder (diffusers' default 0: off); for a
-    /// decoder that reads the caption.
-    #[arg(long, default_value_t = 0.0)]
-    decoder_guidance: f64,
+    /// Classifier-free guidance of the decoder, for a decoder that reads the caption.
+    /// Default 0 (diffusers': off), or the model folder's own.
+    #[arg(long)]
+    decoder_guidance: Option<f64>,
 }
 
 impl SamplingArgs {
@@ -109,7 +109,7 @@ impl SamplingArgs {
             prior_steps: self.prior_steps,
             prior_guidance: self.prior_guidance.unwrap_or(d.prior_guidance),
             decoder_steps: self.decoder_steps,
-            decoder_guidance: self.decoder_guidance,
+            decoder_guidance: self.decoder_guidance.unwrap_or(d.decoder_guidance),
             ..d
         }
     }

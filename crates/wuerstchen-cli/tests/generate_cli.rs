@@ -435,12 +435,22 @@ fn default_size_and_guidance_follow_the_model_folder() {
     v["default_height"] = 128.into();
     v["default_prior_guidance_scale"] = 7.5.into();
     std::fs::write(&index, v.to_string()).unwrap();
+    let decoder = dir.join("decoder");
+    copy_dir(&pipeline_fixtures().join("decoder"), &decoder);
+    let index = decoder.join("model_index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    v["default_decoder_guidance_scale"] = 1.5.into();
+    std::fs::write(&index, v.to_string()).unwrap();
     let out = dir.join("native.png");
     let p = prior.display().to_string();
+    let d = decoder.display().to_string();
     let args = [
         "x",
         "--prior",
         &p,
+        "--decoder",
+        &d,
         "--prior-steps",
         "1",
         "--decoder-steps",
@@ -460,16 +470,22 @@ fn default_size_and_guidance_follow_the_model_folder() {
         .unwrap()
         .unwrap();
     assert!(text.contains("CFG scale: 7.5,"), "{text}");
+    assert!(text.contains("Decoder CFG scale: 1.5,"), "{text}");
     // a flag still wins
     let res = wuerstchen(&generate_args(
         &out,
-        &[&args[..], &["--prior-guidance", "2"]].concat(),
+        &[
+            &args[..],
+            &["--prior-guidance", "2", "--decoder-guidance", "0"],
+        ]
+        .concat(),
     ));
     assert!(res.status.success());
     let text = wuerstchen::image_io::read_parameters(&out)
         .unwrap()
         .unwrap();
     assert!(text.contains("CFG scale: 2,"), "{text}");
+    assert!(text.contains("Decoder CFG scale: 0,"), "{text}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

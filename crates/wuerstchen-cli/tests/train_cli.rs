@@ -457,7 +457,19 @@ fn text_encoder_and_stage_c_learn() {
     assert!(String::from_utf8_lossy(&res.stderr).contains("must be a positive number"));
     let copy = dir.join("floored");
     copy_dir(&out, &copy);
+    // a decoder guidance set by hand in the decoder's model_index.json outlives the
+    // prior's next export, which rewrites that file
+    let dec_index = out.join("decoder/model_index.json");
+    let read_index = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&dec_index).unwrap()).unwrap()
+    };
+    let mut v = read_index();
+    v["default_decoder_guidance_scale"] = 2.0.into();
+    std::fs::write(&dec_index, v.to_string()).unwrap();
     let p2 = train_ok("stage-c", &data, &out, 41, &["--lr", "1e-3"]);
+    let v = read_index();
+    assert_eq!(v["default_decoder_guidance_scale"], 2.0);
+    assert!(v["latent_dim_scale"].is_number());
     let floored = train_ok(
         "stage-c",
         &data,

@@ -183,12 +183,16 @@ impl Default for PriorPipelineConfig {
 #[serde(default)]
 pub struct DecoderPipelineConfig {
     pub latent_dim_scale: f64,
+    /// The decoder guidance a model is meant to be sampled with (ours; diffusers' is
+    /// 0), e.g. a small decoder that reads the shape from the caption.
+    pub default_decoder_guidance_scale: Option<f64>,
 }
 
 impl Default for DecoderPipelineConfig {
     fn default() -> Self {
         Self {
             latent_dim_scale: 10.67,
+            default_decoder_guidance_scale: None,
         }
     }
 }
@@ -427,7 +431,8 @@ impl WuerstchenPipeline {
     }
 
     /// The parameters a caller starts from: diffusers' defaults, with the size and
-    /// prior guidance the prior folder declares for itself where it does.
+    /// prior guidance the prior folder declares for itself, and the decoder guidance
+    /// the decoder folder declares, where they do.
     pub fn defaults(&self) -> GenerationParams {
         let d = GenerationParams::default();
         let pc = &self.prior_config;
@@ -435,6 +440,8 @@ impl WuerstchenPipeline {
             width: pc.default_width.unwrap_or(d.width),
             height: pc.default_height.unwrap_or(d.height),
             prior_guidance: pc.default_prior_guidance_scale.unwrap_or(d.prior_guidance),
+            decoder_guidance: (self.decoder_config.default_decoder_guidance_scale)
+                .unwrap_or(d.decoder_guidance),
             ..d
         }
     }

@@ -165,12 +165,22 @@ impl StageTrainer for StageCTrainer {
         if let Some(g) = self.default_guidance {
             prior_index["default_prior_guidance_scale"] = json!(g);
         }
-        let decoder_index = with_shared(json!({
+        let mut decoder_index = with_shared(json!({
             "_class_name": "WuerstchenDecoderPipeline",
             "decoder": ["diffusers", "WuerstchenDiffNeXt"],
             "vqgan": ["diffusers", "PaellaVQModel"],
             "latent_dim_scale": latent_dim_scale,
         }));
+        // the decoder's own default guidance is the decoder's business (set by hand
+        // in its model_index.json): a prior export keeps it
+        let old_index = out.join("decoder/model_index.json");
+        let kept = std::fs::read_to_string(&old_index)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("default_decoder_guidance_scale").cloned());
+        if let Some(g) = kept {
+            decoder_index["default_decoder_guidance_scale"] = g;
+        }
         let scheduler =
             serde_json::to_string_pretty(&SchedulerConfig::default()).unwrap_or_default();
         for (pipeline, index) in [("prior", prior_index), ("decoder", decoder_index)] {
