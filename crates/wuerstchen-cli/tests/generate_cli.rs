@@ -428,20 +428,27 @@ fn default_size_and_guidance_follow_the_model_folder() {
     let dir = scratch("native");
     let prior = dir.join("prior");
     copy_dir(&pipeline_fixtures().join("prior"), &prior);
-    let index = prior.join("model_index.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
-    v["default_width"] = 256.into();
-    v["default_height"] = 128.into();
-    v["default_prior_guidance_scale"] = 7.5.into();
-    std::fs::write(&index, v.to_string()).unwrap();
+    // our keys added to a pipeline folder's model_index.json
+    let declare = |folder: &Path, keys: &[(&str, serde_json::Value)]| {
+        let index = folder.join("model_index.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+        for (k, value) in keys {
+            v[*k] = value.clone();
+        }
+        std::fs::write(&index, v.to_string()).unwrap();
+    };
+    declare(
+        &prior,
+        &[
+            ("default_width", 256.into()),
+            ("default_height", 128.into()),
+            ("default_prior_guidance_scale", 7.5.into()),
+        ],
+    );
     let decoder = dir.join("decoder");
     copy_dir(&pipeline_fixtures().join("decoder"), &decoder);
-    let index = decoder.join("model_index.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
-    v["default_decoder_guidance_scale"] = 1.5.into();
-    std::fs::write(&index, v.to_string()).unwrap();
+    declare(&decoder, &[("default_decoder_guidance_scale", 1.5.into())]);
     let out = dir.join("native.png");
     let p = prior.display().to_string();
     let d = decoder.display().to_string();

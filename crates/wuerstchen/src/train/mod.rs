@@ -200,12 +200,18 @@ pub fn run_loss_options(out: &Path, stage: &str, given: LossOptions) -> Result<L
     } else {
         given
     };
-    let dir = out.join("checkpoints");
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let json = serde_json::to_string_pretty(&options)
-        .map_err(|e| Error::InvalidInput(format!("loss options of {stage}: {e}")))?;
-    write_atomically(&saved, json.as_bytes())?;
+    save_beside_checkpoint(&saved, &options, &format!("loss options of {stage}"))?;
     Ok(options)
+}
+
+/// Writes `value` as JSON to `path` under `checkpoints/`, made if missing.
+fn save_beside_checkpoint<T: Serialize>(path: &Path, value: &T, what: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let json = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::InvalidInput(format!("{what}: {e}")))?;
+    write_atomically(path, json.as_bytes())
 }
 
 /// The model config a run trains. A fresh run saves it beside its checkpoint
@@ -235,11 +241,7 @@ where
     }
     let config = given.unwrap_or(default);
     config.validate().map_err(Error::InvalidInput)?;
-    let dir = out.join("checkpoints");
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let json = serde_json::to_string_pretty(&config)
-        .map_err(|e| Error::InvalidInput(format!("config of {stage}: {e}")))?;
-    write_atomically(&saved, json.as_bytes())?;
+    save_beside_checkpoint(&saved, &config, &format!("config of {stage}"))?;
     Ok(config)
 }
 
