@@ -458,7 +458,7 @@ fn text_encoder_and_stage_c_learn() {
     let copy = dir.join("floored");
     copy_dir(&out, &copy);
     // a decoder guidance set by hand in the decoder's model_index.json outlives the
-    // prior's next export, which rewrites that file
+    // prior's next export, which rewrites that file over what it held
     let dec_index = out.join("decoder/model_index.json");
     let read_index = || -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(&dec_index).unwrap()).unwrap()
@@ -470,6 +470,11 @@ fn text_encoder_and_stage_c_learn() {
     let v = read_index();
     assert_eq!(v["default_decoder_guidance_scale"], 2.0);
     assert!(v["latent_dim_scale"].is_number());
+    // and so does the prior guidance the step-40 run declared, not named again
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("prior/model_index.json")).unwrap())
+            .unwrap();
+    assert_eq!(index["default_prior_guidance_scale"], 6.0);
     let floored = train_ok(
         "stage-c",
         &data,

@@ -440,7 +440,9 @@ impl WuerstchenPipeline {
             width: pc.default_width.unwrap_or(d.width),
             height: pc.default_height.unwrap_or(d.height),
             prior_guidance: pc.default_prior_guidance_scale.unwrap_or(d.prior_guidance),
-            decoder_guidance: (self.decoder_config.default_decoder_guidance_scale)
+            decoder_guidance: self
+                .decoder_config
+                .default_decoder_guidance_scale
                 .unwrap_or(d.decoder_guidance),
             ..d
         }

@@ -165,28 +165,32 @@ impl StageTrainer for StageCTrainer {
         if let Some(g) = self.default_guidance {
             prior_index["default_prior_guidance_scale"] = json!(g);
         }
-        let mut decoder_index = with_shared(json!({
+        let decoder_index = with_shared(json!({
             "_class_name": "WuerstchenDecoderPipeline",
             "decoder": ["diffusers", "WuerstchenDiffNeXt"],
             "vqgan": ["diffusers", "PaellaVQModel"],
             "latent_dim_scale": latent_dim_scale,
         }));
-        // the decoder's own default guidance is the decoder's business (set by hand
-        // in its model_index.json): a prior export keeps it
-        let old_index = out.join("decoder/model_index.json");
-        let kept = std::fs::read_to_string(&old_index)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("default_decoder_guidance_scale").cloned());
-        if let Some(g) = kept {
-            decoder_index["default_decoder_guidance_scale"] = g;
-        }
         let scheduler =
             serde_json::to_string_pretty(&SchedulerConfig::default()).unwrap_or_default();
-        for (pipeline, index) in [("prior", prior_index), ("decoder", decoder_index)] {
+        for (pipeline, ours) in [("prior", prior_index), ("decoder", decoder_index)] {
             let root = out.join(pipeline);
+            let path = root.join("model_index.json");
+            // laid over the file an earlier export left, so that what was set there by
+            // hand or by an earlier run (a decoder's default guidance, a prior's given
+            // with --default-prior-guidance then) outlives this export
+            let earlier = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+            let index = match (earlier, ours) {
+                (Some(serde_json::Value::Object(mut e)), serde_json::Value::Object(o)) => {
+                    e.extend(o);
+                    serde_json::Value::Object(e)
+                }
+                (_, ours) => ours,
+            };
             let text = serde_json::to_string_pretty(&index).unwrap_or_default();
-            write_atomically(&root.join("model_index.json"), text.as_bytes())?;
+            write_atomically(&path, text.as_bytes())?;
             std::fs::create_dir_all(root.join("scheduler")).map_err(|e| Error::io(&root, e))?;
             write_atomically(
                 &root.join("scheduler/scheduler_config.json"),
