@@ -4,16 +4,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{bin, stdout_of};
+use common::{bin, copy_dir, scratch, stdout_of};
 
+/// The default model's semantic compressor (training only, not embedded).
 fn compressor() -> std::path::PathBuf {
-    model_part("default/compressor")
-}
-
-fn model_part(part: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models")
-        .join(part)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default/compressor")
 }
 
 /// `--denoising` prints one row per noise level, noisiest first, and the caption
@@ -58,17 +53,25 @@ fn eval_refuses_nothing_to_judge_and_mixed_modes() {
     assert!(!Path::new("/tmp/never-written").exists());
 }
 
-/// The 12 x 12 compressor of models/next against the embedded 8 x 8 prior: the
-/// prior would denoise any map size, so the mismatch must be caught and named.
+/// The shipped compressor at `input_scale` 1 (a 16 x 16 map of 128 px images, the
+/// scale it was first trained at) against the embedded 12 x 12 prior: the prior would
+/// denoise any map size, so the mismatch must be caught and named.
 #[test]
 fn denoising_refuses_a_compressor_of_another_map_size() {
+    let dir = scratch("compressor-16");
+    copy_dir(&compressor(), &dir);
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let unscaled = config.replace("\"input_scale\": 0.75", "\"input_scale\": 1.0");
+    assert_ne!(config, unscaled, "{config}");
+    std::fs::write(dir.join("config.json"), unscaled).unwrap();
     let out = bin()
         .args(["eval", "--count", "2", "--denoising"])
-        .arg(model_part("next/compressor"))
+        .arg(&dir)
         .output()
         .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("[2, 16, 16, 16]"), "{stderr}");
     assert!(stderr.contains("[2, 16, 12, 12]"), "{stderr}");
-    assert!(stderr.contains("[2, 16, 8, 8]"), "{stderr}");
 }
