@@ -246,8 +246,9 @@ impl StageTrainer for StageBTrainer {
     }
 }
 
-/// The default model's Stage B: two levels over 32 x 32 latents (128 px images),
-/// effnet injected at both, no attention.
+/// The Stage B `train stage-b` builds without `--config` (the shipped model's is
+/// `scripts/default_model/decoder.json`): two levels over 32 x 32 latents (128 px
+/// images), effnet injected at both, no attention.
 pub fn default_config(clip_embd: usize) -> DiffNeXtConfig {
     DiffNeXtConfig {
         c_in: 4,

@@ -222,7 +222,8 @@ pub fn size_ratios(image_size: usize, side: usize) -> (f64, f64) {
     )
 }
 
-/// The default model's prior: 4 layers of 128 channels over the 8 x 8 features.
+/// The prior `train stage-c` builds without `--config`: 4 layers of 128 channels, the
+/// earlier 8 x 8 default model's (the shipped one is `scripts/default_model/prior.json`).
 pub fn default_config(c_cond: usize) -> PriorConfig {
     PriorConfig {
         c_in: 16,
