@@ -60,11 +60,8 @@ phase() {
     cp -r "$from/prior" "$from/decoder" "$from/compressor" "$dir.part/"
     local config="$dir.part/compressor/config.json"
     if [ "${3:-}" = scaled ]; then
-        if grep -q '"input_scale"' "$config"; then
-            sed -i -E 's/"input_scale": [0-9.e+-]+/"input_scale": 0.75/' "$config"
-        else
-            sed -i 's/"downscale": 8/"downscale": 8,\n  "input_scale": 0.75/' "$config"
-        fi
+        # every exported compressor config names its input_scale (1 until here)
+        sed -i -E 's/"input_scale": [0-9.e+-]+/"input_scale": 0.75/' "$config"
         grep -q '"input_scale": 0.75' "$config"
     fi
     mv "$dir.part" "$dir"
@@ -76,25 +73,26 @@ weights() { echo "$1/$2/$2/diffusion_pytorch_model.safetensors"; }
 # second thread on these small tensors).
 export RAYON_NUM_THREADS=1
 
+# train_decoder DIR STEPS LR WARMUP SEED [FLAGS...]: the shipped decoder architecture
+# on the frozen compressor
+train_decoder() {
+    "$BIN" train stage-b --data "$DATA_BIG" --out "$1" "${log[@]}" \
+        --config scripts/default_model/decoder.json --freeze-compressor --batch-size 8 \
+        --steps "$(steps "$2")" --lr "$3" --warmup-steps "$4" --seed "$5" "${@:6}"
+}
 # decoder: DIR FROM SCALED STEPS LR WARMUP SEED EFFNET_AUGMENT, from FROM's weights
 decoder() {
     local dir="$WORK/$1" from="$WORK/$2"
     phase "$dir" "$from" "$3"
-    "$BIN" train stage-b --data "$DATA_BIG" --out "$dir" "${log[@]}" \
-        --config scripts/default_model/decoder.json --freeze-compressor --batch-size 8 \
-        --steps "$(steps "$4")" --lr "$5" --warmup-steps "$6" --seed "$7" \
+    train_decoder "$dir" "$4" "$5" "$6" "$7" \
         --effnet-augment "$8" --init "$(weights "$from" decoder)"
 }
 decoder_chain() {
-    # the shipped decoder architecture (scripts/default_model/decoder.json) on the
-    # 16 x 16 map: 1800 steps, then on to 3000 at a lower learning rate
+    # on the 16 x 16 map from scratch: 1800 steps, then on to 3000 at a lower
+    # learning rate (a resume)
     phase "$WORK/dec1" "$BASE"
-    for s in "1800 8e-4 100" "3000 3e-4 100"; do
-        set -- $s
-        "$BIN" train stage-b --data "$DATA_BIG" --out "$WORK/dec1" "${log[@]}" \
-            --config scripts/default_model/decoder.json --freeze-compressor --batch-size 8 \
-            --steps "$(steps "$1")" --lr "$2" --warmup-steps "$3" --seed 0
-    done
+    train_decoder "$WORK/dec1" 1800 8e-4 100 0
+    train_decoder "$WORK/dec1" 3000 3e-4 100 0
     # the same decoder on the 12 x 12 map, then taught to draw the caption's outline
     # from blurred and noised features (docs/training.md, "Conditioning augmentation")
     decoder dec2 dec1 scaled 4000 3e-4 50 8 0
