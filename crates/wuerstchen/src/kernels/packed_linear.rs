@@ -49,16 +49,42 @@ const TASK_OUTPUTS: usize = 128;
 /// Pixels per channels-first task at most: the task's weights (its outputs x k) are
 /// read from memory once and from L2 for each further block of pixels.
 const TASK_PIXELS: usize = 4096;
+/// Largest input (of all images) packed once per call as pixel tiles for all tasks:
+/// the prior's and the decoder's (up to 28 MB); Stage A's at 1024 px, up to 400 MB,
+/// is packed by each task as it goes instead, to keep the peak memory down.
+const SHARED_PIXELS_BYTES: usize = 64 << 20;
 /// Pixels packed at a time in a channels-first task (5 tiles, 120 KiB at depth 128).
 const BLOCK_PIXELS: usize = 240;
-/// Bytes of weights a channels-first task keeps in L2 (1.5 of 2 MiB a core here): the
-/// more outputs a task has, the fewer times its pixels are packed.
+/// Outputs per channels-first task: eight panels. Every task reads all of its image's
+/// pixels (up to [`TASK_PIXELS`]) from L3 once, so the more outputs a task has, the
+/// fewer times the input is read: with 64 outputs a task (when a task held all the
+/// depth of its weights in L2), the prior's 6144 -> 1536 layer read its 14 MB input 24
+/// times per image and ran at ~220 GFLOP/s against ~260 for 1536 -> 6144.
+const TASK_OUTPUTS_CF: usize = 8 * PANEL;
+/// Bytes of weights a channels-first task keeps in L2 (1.5 of 2 MiB a core here): its
+/// outputs' weights over a chunk of the depth, reused for every block of pixels before
+/// the next chunk is read (the outputs' partial sums meanwhile wait in L2/L3).
 const TASK_WEIGHT_BYTES: usize = 3 << 19;
 
-/// Outputs per channels-first task for depth k: whole panels, as many as
-/// [`TASK_WEIGHT_BYTES`] hold, from one to eight.
-fn pixel_task_outputs(k: usize) -> usize {
-    (TASK_WEIGHT_BYTES / (k * 4 * PANEL)).clamp(1, 8) * PANEL
+/// Depth per chunk of a channels-first task with `outputs` outputs: whole depth blocks,
+/// as many as [`TASK_WEIGHT_BYTES`] hold (at least one), at most all k.
+fn depth_chunk(k: usize, outputs: usize) -> usize {
+    ((TASK_WEIGHT_BYTES / (outputs * 4) / DEPTH).max(1) * DEPTH).min(k)
+}
+
+/// How many tasks split each image's pixels when `others` tasks (images x groups of
+/// outputs) share the threads: at most [`TASK_PIXELS`] a task, and more while the
+/// tasks would leave a thread idle in their last round (the decoder's 5120 -> 1280
+/// layer has 5 groups of outputs for 2 threads), down to [`BLOCK_PIXELS`] a task.
+fn pixel_tasks(plane: usize, others: usize, threads: usize) -> usize {
+    let mut tasks = plane.div_ceil(TASK_PIXELS);
+    while (others * tasks) % threads != 0
+        && others * tasks < 4 * threads
+        && plane / (tasks + 1) >= BLOCK_PIXELS
+    {
+        tasks += 1;
+    }
+    tasks
 }
 
 /// Whether this CPU runs the kernel (AVX-512 F).
@@ -137,11 +163,17 @@ impl PackedLinear {
     }
 
     fn product(&self, x: &Tensor, channels_first: bool) -> Result<Tensor> {
+        self.product_sharing(x, channels_first, SHARED_PIXELS_BYTES)
+    }
+
+    /// With the limit of [`SHARED_PIXELS_BYTES`] as given (tests take both paths).
+    fn product_sharing(&self, x: &Tensor, channels_first: bool, shared: usize) -> Result<Tensor> {
         x.to_dtype(DType::F32)?
             .contiguous()?
             .apply_op1_no_bwd(&PanelMatmul {
                 packed: &self.0,
                 channels_first,
+                shared_pixels_bytes: shared,
             })
     }
 
@@ -161,6 +193,8 @@ impl Module for PackedLinear {
 struct PanelMatmul<'a> {
     packed: &'a Packed,
     channels_first: bool,
+    /// Channels-first inputs up to this size are packed once for all tasks.
+    shared_pixels_bytes: usize,
 }
 
 impl CustomOp1 for PanelMatmul<'_> {
@@ -181,20 +215,43 @@ impl CustomOp1 for PanelMatmul<'_> {
             // no rows or pixels: nothing to multiply
         } else if self.channels_first {
             let plane = dims[2] * dims[3];
-            let outputs = pixel_task_outputs(p.k);
-            let (n_tasks, p_tasks) = (p.n.div_ceil(outputs), plane.div_ceil(TASK_PIXELS));
-            let per_image = n_tasks * p_tasks;
+            let outputs = TASK_OUTPUTS_CF;
             let images = x.len() / (p.k * plane);
+            let n_tasks = p.n.div_ceil(outputs);
+            let p_tasks = pixel_tasks(plane, images * n_tasks, rayon::current_num_threads());
+            // whole tiles per task, so that tasks start on the shared tiles below
+            let task_pixels = plane.div_ceil(p_tasks).next_multiple_of(PIXELS);
+            let per_image = n_tasks * p_tasks;
+            let tiles = plane.div_ceil(PIXELS);
+            let shared =
+                (images * tiles * p.k * PIXELS * 4 <= self.shared_pixels_bytes).then(|| {
+                    // each image's pixels as tiles of PIXELS columns for every task:
+                    // tile t, input d, pixel q at t * k * PIXELS + d * PIXELS + q
+                    let mut packed = Aligned::zeros(images * tiles * p.k * PIXELS);
+                    packed
+                        .as_mut_slice()
+                        .par_chunks_mut(p.k * PIXELS)
+                        .enumerate()
+                        .for_each(|(i, tile)| {
+                            let (image, first) = (i / tiles, i % tiles * PIXELS);
+                            let x = &x[image * p.k * plane..][..p.k * plane];
+                            pack_pixel_tile(x, plane, first, tile);
+                        });
+                    packed
+                });
             let dst = SendPtr(out.as_mut_ptr());
             (0..images * per_image).into_par_iter().for_each(|t| {
                 let (image, t) = (t / per_image, t % per_image);
                 let j0 = t / p_tasks * outputs;
-                let q0 = t % p_tasks * TASK_PIXELS;
+                let q0 = (t % p_tasks * task_pixels).min(plane);
                 let task = PixelTask {
                     x: &x[image * p.k * plane..][..p.k * plane],
+                    packed: shared.as_ref().map(|s| {
+                        &s.as_slice()[image * tiles * p.k * PIXELS..][..tiles * p.k * PIXELS]
+                    }),
                     plane,
                     outputs: j0..(j0 + outputs).min(p.n),
-                    pixels: q0..(q0 + TASK_PIXELS).min(plane),
+                    pixels: q0..(q0 + task_pixels).min(plane),
                 };
                 // SAFETY: PackedLinear exists only where available() said yes; each
                 // task writes only its outputs x pixels of its image, inside `out`.
@@ -235,9 +292,31 @@ impl CustomOp1 for PanelMatmul<'_> {
     }
 }
 
+/// Copies pixels `first..first + PIXELS` of every input of `x` (inputs x plane) into
+/// `tile` (inputs x PIXELS), zero past the plane's end.
+fn pack_pixel_tile(x: &[f32], plane: usize, first: usize, tile: &mut [f32]) {
+    let count = PIXELS.min(plane - first);
+    for (src, dst) in x.chunks_exact(plane).zip(tile.chunks_exact_mut(PIXELS)) {
+        let src = &src[first..][..count];
+        if let (Ok(dst), Ok(src)) = (
+            <&mut [f32; PIXELS]>::try_from(&mut *dst),
+            <&[f32; PIXELS]>::try_from(src),
+        ) {
+            // a fixed-size copy: three vector moves, where a slice copy calls
+            // memmove (12% of the prior's time)
+            *dst = *src;
+        } else {
+            dst[..count].copy_from_slice(src);
+            dst[count..].fill(0.0);
+        }
+    }
+}
+
 /// One channels-first task: some outputs of some pixels of one image (k, plane).
 struct PixelTask<'a> {
     x: &'a [f32],
+    /// x packed as pixel tiles, when the call packed it for all tasks.
+    packed: Option<&'a [f32]>,
     plane: usize,
     outputs: std::ops::Range<usize>,
     pixels: std::ops::Range<usize>,
@@ -309,37 +388,56 @@ mod kernel {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pixels(p: &Packed, task: &PixelTask, out: *mut f32) {
         let (k, plane) = (p.k, task.plane);
+        let chunk = depth_chunk(k, task.outputs.len());
         with_scratch(BLOCK_PIXELS.div_ceil(PIXELS) * PIXELS * DEPTH, |b| {
-            for q0 in task.pixels.clone().step_by(BLOCK_PIXELS) {
+            for (c0, q0) in (0..k).step_by(chunk).flat_map(|c0| {
+                task.pixels
+                    .clone()
+                    .step_by(BLOCK_PIXELS)
+                    .map(move |q0| (c0, q0))
+            }) {
                 let len = BLOCK_PIXELS.min(task.pixels.end - q0);
                 let tiles = len.div_ceil(PIXELS);
-                for d0 in (0..k).step_by(DEPTH) {
+                for d0 in (c0..k.min(c0 + chunk)).step_by(DEPTH) {
                     let depth = DEPTH.min(k - d0);
-                    // the block's channels d0.. as tiles of PIXELS columns: input d,
-                    // pixel q at (q / PIXELS) * depth * PIXELS + d * PIXELS + q % PIXELS
-                    for (t, tile) in b.chunks_exact_mut(depth * PIXELS).take(tiles).enumerate() {
-                        let first = q0 + t * PIXELS;
-                        let count = PIXELS.min(q0 + len - first);
-                        for (d, dst) in tile.chunks_exact_mut(PIXELS).enumerate() {
-                            let src = &task.x[(d0 + d) * plane + first..][..count];
-                            if let (Ok(dst), Ok(src)) = (
-                                <&mut [f32; PIXELS]>::try_from(&mut *dst),
-                                <&[f32; PIXELS]>::try_from(src),
-                            ) {
-                                // a fixed-size copy: three vector moves, where a
-                                // slice copy calls memmove (12% of the prior's time)
-                                *dst = *src;
-                            } else {
-                                dst[..count].copy_from_slice(src);
-                                dst[count..].fill(0.0);
-                            }
+                    if task.packed.is_none() {
+                        for (t, tile) in b.chunks_exact_mut(depth * PIXELS).take(tiles).enumerate()
+                        {
+                            pack_pixel_tile(
+                                &task.x[d0 * plane..(d0 + depth) * plane],
+                                plane,
+                                q0 + t * PIXELS,
+                                tile,
+                            );
                         }
                     }
+                    // the block's channels d0.. as tiles of PIXELS columns (or the
+                    // call's packed tiles, read in place)
+                    let tile_at = |t: usize| match task.packed {
+                        Some(packed) => packed
+                            .as_ptr()
+                            .add(((q0 + t * PIXELS) / PIXELS * k + d0) * PIXELS),
+                        None => b.as_ptr().add(t * depth * PIXELS),
+                    };
                     // each pixel tile (48 x depth, 24 KiB) stays in L1 while the
                     // task's weights stream past it from L2
+                    let groups = task.outputs.len().div_ceil(OUTPUTS);
+                    let lines = depth * PIXELS / 16;
                     for t in 0..tiles {
                         let first = t * PIXELS;
-                        for j in task.outputs.clone().step_by(OUTPUTS) {
+                        // the shared tiles come from L3: the next one is fetched into
+                        // L1 a share per tile while this one runs (as the task's own
+                        // packing would have brought it)
+                        let next = (task.packed.is_some() && t + 1 < tiles).then(|| tile_at(t + 1));
+                        for (g, j) in task.outputs.clone().step_by(OUTPUTS).enumerate() {
+                            if let Some(next) = next {
+                                let share = lines.div_ceil(groups);
+                                for line in
+                                    (g * share..((g + 1) * share).min(lines)).map(|l| l * 16)
+                                {
+                                    _mm_prefetch::<_MM_HINT_T0>(next.add(line) as *const i8);
+                                }
+                            }
                             // a quarter of panel j / 32, read 32 apart
                             let weights = p
                                 .panels
@@ -355,7 +453,7 @@ mod kernel {
                                 depth,
                                 weights,
                                 PANEL,
-                                b.as_ptr().add(t * depth * PIXELS),
+                                tile_at(t),
                                 out.add(j * plane + q0 + first),
                                 plane,
                                 (OUTPUTS.min(task.outputs.end - j), PIXELS.min(len - first)),
@@ -438,18 +536,45 @@ mod tests {
             (2usize, 37usize, 45usize, 9usize, 17usize),
             (1, 300, 140, 20, 25),
             (1, 8, 3, 1, 1),
-            // several output tasks (deep inputs: fewer outputs per task); several
-            // pixel tasks of an image
-            (2, 2100, 140, 3, 5),
+            // several output tasks, and depth chunks (deep inputs: a task's weights
+            // over all of k would not fit L2); several pixel tasks of an image, the
+            // second starting inside a pixel block
+            (2, 2100, 300, 3, 5),
             (1, 16, 20, 70, 70),
+            (1, 40, 600, 17, 31),
         ] {
             let x = random(&[images, k, h, w_], 5)?;
             let (w, b) = (random(&[n, k], 6)?, random(&[n], 7)?);
-            let got = PackedLinear::new(&w, Some(&b))?.forward_channels_first(&x)?;
-            let d = max_diff(&got, &reference(&x, &w, &b, true)?)?;
-            assert!(d < tolerance(k), "({images}, {k}, {h}, {w_}) -> {n}: {d}");
+            let layer = PackedLinear::new(&w, Some(&b))?;
+            let want = reference(&x, &w, &b, true)?;
+            // the input packed once for all tasks, and by each task as it goes
+            for shared in [SHARED_PIXELS_BYTES, 0] {
+                let got = layer.product_sharing(&x, true, shared)?;
+                let d = max_diff(&got, &want)?;
+                assert!(
+                    d < tolerance(k),
+                    "({images}, {k}, {h}, {w_}) -> {n}, {shared}: {d}"
+                );
+            }
         }
         Ok(())
+    }
+
+    #[test]
+    fn channels_first_tasks_keep_every_thread_busy() {
+        // deep layers with few groups of outputs split their pixels so that 2 threads
+        // both work to the end: the decoder's 5120 -> 1280 at 64 x 64 (5 groups)
+        assert_eq!(pixel_tasks(4096, 5, 2), 2);
+        // already even, or enough tasks: one task per TASK_PIXELS
+        assert_eq!(pixel_tasks(576, 12, 2), 1);
+        assert_eq!(pixel_tasks(65536, 2, 2), 16);
+        // never below a block of pixels a task, even if a thread then idles
+        assert_eq!(pixel_tasks(576, 3, 4), 2);
+        assert_eq!(pixel_tasks(300, 1, 2), 1);
+        // depth chunks: a 6144-deep layer's 256 outputs hold 1536 of it in L2
+        assert_eq!(depth_chunk(6144, 256), 1536);
+        assert_eq!(depth_chunk(1280, 256), 1280);
+        assert_eq!(depth_chunk(100_000, 8192), DEPTH);
     }
 
     #[test]
