@@ -78,7 +78,7 @@ fn depth_chunk(k: usize, outputs: usize) -> usize {
 /// layer has 5 groups of outputs for 2 threads), down to [`BLOCK_PIXELS`] a task.
 fn pixel_tasks(plane: usize, others: usize, threads: usize) -> usize {
     let mut tasks = plane.div_ceil(TASK_PIXELS);
-    while (others * tasks) % threads != 0
+    while !(others * tasks).is_multiple_of(threads)
         && others * tasks < 4 * threads
         && plane / (tasks + 1) >= BLOCK_PIXELS
     {
