@@ -225,25 +225,12 @@ impl Attention {
 
     /// q (B, N, C), kv (B, L, C) -> (B, N, C)
     pub fn forward(&self, q: &Tensor, kv: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = q.dims3()?;
-        let l = kv.dim(1)?;
-        let split = |x: Tensor, len: usize| -> Result<Tensor> {
-            let d = x.dim(2)? / self.heads;
-            // (B, len, heads*d) -> (B, heads, len, d)
-            x.reshape((b, len, self.heads, d))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.to_q.forward(q)?, n)?;
-        let k = split(self.to_k.forward(kv)?, l)?;
-        let v = split(self.to_v.forward(kv)?, l)?;
-        let d = q.dim(3)?;
-        let scale = 1.0 / (d as f64).sqrt();
+        let q = self.to_q.forward(q)?;
+        let (k, v) = (self.to_k.forward(kv)?, self.to_v.forward(kv)?);
+        let scale = 1.0 / ((q.dim(2)? / self.heads) as f64).sqrt();
         flops::add_attention(&q, &k)?;
-        // (B, heads, N, d) -> (B, N, heads*d)
-        let out = crate::kernels::attention::attention(&q, &k, &v, scale)?
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * d))?;
+        // the heads stay in the projections' columns (no (B, H, N, d) copies)
+        let out = crate::kernels::attention::attention_tokens(&q, &k, &v, self.heads, scale)?;
         self.to_out.forward(&out)
     }
 }

@@ -35,6 +35,110 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     }
 }
 
+/// The same per head for q (B, N, H d), k and v (B, L, H d) in the layout the
+/// projections write (head h in columns h d .. (h + 1) d) -> (B, N, H d): what
+/// splitting out the heads, [`attention`] and merging them give, without the four
+/// copies. Those ran on one thread while the other idled: in the prior (32 blocks, 24
+/// heads), with the zeroing of new buffers, a tenth of a call (perf).
+pub fn attention_tokens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, n, c) = q.dims3()?;
+    if heads == 0 || c % heads != 0 {
+        candle_core::bail!("attention: {c} channels do not split into {heads} heads")
+    }
+    if fast_path(&[q, k, v]) && tiled::available(c / heads) {
+        return q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            SdpaTokens { scale, heads },
+        );
+    }
+    let out = attention(
+        &split_heads(q, heads)?,
+        &split_heads(k, heads)?,
+        &split_heads(v, heads)?,
+        scale,
+    )?;
+    out.transpose(1, 2)?.reshape((b, n, c))
+}
+
+/// (B, len, H d) -> (B, H, len, d), contiguous.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, len, c) = x.dims3()?;
+    x.reshape((b, len, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// (B, H, len, d) -> (B, len, H d).
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, len, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, len, h * d))
+}
+
+struct SdpaTokens {
+    scale: f64,
+    heads: usize,
+}
+
+impl CustomOp3 for SdpaTokens {
+    fn name(&self) -> &'static str {
+        "attention-tokens"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [q, k, v] = three_f32(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
+        let (b, n, c) = l1.shape().dims3()?;
+        let (bk, l, ck) = l2.shape().dims3()?;
+        if (bk, ck) != (b, c) || l3.shape().dims() != l2.shape().dims() {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        if l == 0 {
+            candle_core::bail!("attention: no keys to attend to (k {:?})", l2.shape())
+        }
+        let mut out = vec![0f32; b * n * c];
+        if !out.is_empty() {
+            let dims = (b * self.heads, n, l, c / self.heads);
+            tiled::attention(q, k, v, dims, Some(self.heads), self.scale as f32, &mut out);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
+    }
+
+    /// The heads split out and [`Sdpa`]'s backward pass (training: the copies cost
+    /// little next to the gradients' products).
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [q, k, v, res, grad] = [q, k, v, res, grad].map(|t| split_heads(t, self.heads));
+        let (gq, gk, gv) = Sdpa { scale: self.scale }.bwd(&q?, &k?, &v?, &res?, &grad?)?;
+        let merge = |g: Option<Tensor>| g.map(|g| merge_heads(&g)).transpose();
+        Ok((merge(gq)?, merge(gk)?, merge(gv)?))
+    }
+}
+
 /// The reference form, from candle's differentiable ops (softmax statistics in f32).
 pub fn plain(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let scores = (q.matmul(&k.t()?)? * scale)?;
@@ -81,9 +185,8 @@ impl CustomOp3 for Sdpa {
             return Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))));
         }
         let scale = self.scale as f32;
-        #[cfg(target_arch = "x86_64")]
-        if super::packed_linear::available() && d % 8 == 0 {
-            tiled::attention(q, k, v, (b * h, n, l, d), scale, &mut out);
+        if tiled::available(d) {
+            tiled::attention(q, k, v, (b * h, n, l, d), None, scale, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))));
         }
         // one task per (head, block of queries); its output rows are its own
@@ -223,7 +326,7 @@ fn gradients(
 #[cfg(target_arch = "x86_64")]
 mod tiled {
     use super::super::tile::{tile, Start};
-    use super::super::with_scratch;
+    use super::super::{with_scratch, SendPtr};
     use super::*;
 
     /// Queries per task: the tile's 48 vector lanes.
@@ -232,57 +335,87 @@ mod tiled {
     /// KiB) stays in L1 while v's columns stream past it.
     const KEYS: usize = 128;
 
-    /// `out` (heads, n, d) from q (heads, n, d), k and v (heads, l, d); d a multiple
-    /// of 8 (one tile's rows).
+    /// Whether heads of width d run here: AVX-512, d a multiple of 8 (one tile's rows).
+    pub(super) fn available(d: usize) -> bool {
+        super::super::packed_linear::available() && d % 8 == 0
+    }
+
+    /// Where each head's rows lie in a tensor of `len` rows per head: its first
+    /// element and the distance between rows. Heads layout (heads, len, d): head after
+    /// head; token layout (B, len, H d), `Some(H)`: head h in columns h d of each row.
+    fn rows(head: usize, len: usize, d: usize, tokens: Option<usize>) -> (usize, usize) {
+        match tokens {
+            None => (head * len * d, d),
+            Some(h) => ((head / h) * len * h * d + head % h * d, h * d),
+        }
+    }
+
+    /// `out` from q (n rows a head), k and v (l rows a head), all in the heads layout
+    /// (`tokens` None) or all in the token layout of H heads (`Some(H)`); `heads`
+    /// counts the heads of all batch entries; d as [`available`] says.
     pub(super) fn attention(
         q: &[f32],
         k: &[f32],
         v: &[f32],
         (heads, n, l, d): (usize, usize, usize, usize),
+        tokens: Option<usize>,
         scale: f32,
         out: &mut [f32],
     ) {
         // k^T per head, keys padded to whole tiles of 8: dim c, key j at c * lp + j
         let lp = l.div_ceil(8) * 8;
         let mut kt = vec![0f32; heads * d * lp];
-        kt.par_chunks_mut(d * lp)
-            .zip(k.par_chunks(l * d))
-            .for_each(|(kt, k)| {
-                for (j, key) in k.chunks_exact(d).enumerate() {
-                    for (c, &x) in key.iter().enumerate() {
-                        kt[c * lp + j] = x;
-                    }
+        kt.par_chunks_mut(d * lp).enumerate().for_each(|(h, kt)| {
+            let (first, step) = rows(h, l, d, tokens);
+            for j in 0..l {
+                for (c, &x) in k[first + j * step..][..d].iter().enumerate() {
+                    kt[c * lp + j] = x;
                 }
-            });
-        out.par_chunks_mut(n * d).enumerate().for_each(|(h, head)| {
-            let (kt, v) = (&kt[h * d * lp..][..d * lp], &v[h * l * d..][..l * d]);
-            head.par_chunks_mut(LANES * d)
-                .enumerate()
-                .for_each(|(block, rows)| {
-                    let q = &q[h * n * d + block * LANES * d..][..rows.len()];
-                    // SAFETY: the caller checked AVX-512; the tiles read kt within its
-                    // padded rows, v's rows c..c + 8 < d, and write only their buffers.
-                    unsafe { queries(q, kt, v, (l, lp, d), scale, rows) }
-                });
+            }
+        });
+        let blocks = n.div_ceil(LANES);
+        let dst = SendPtr(out.as_mut_ptr());
+        (0..heads * blocks).into_par_iter().for_each(|t| {
+            let (h, i0) = (t / blocks, t % blocks * LANES);
+            let (q0, q_step) = rows(h, n, d, tokens);
+            let (v0, v_step) = rows(h, l, d, tokens);
+            let kt = &kt[h * d * lp..][..d * lp];
+            let at = q0 + i0 * q_step;
+            // SAFETY: the caller checked AVX-512 and d; the block's m rows of q and
+            // out (m - 1 steps and d past `at`) and v's l rows lie inside the buffers
+            // of these dims; the tiles read kt within its padded rows; each task
+            // writes only its own rows x d of out.
+            unsafe {
+                queries(
+                    (q.as_ptr().add(at), q_step),
+                    kt,
+                    (v.as_ptr().add(v0), v_step),
+                    (LANES.min(n - i0), l, lp, d),
+                    scale,
+                    (dst.get().add(at), q_step),
+                )
+            }
         });
     }
 
-    /// One head's block of up to 48 queries q (m, d) -> out (m, d).
+    /// One head's block of m <= 48 queries (rows of q `q.1` apart) -> out (rows
+    /// `out.1` apart), over l keys (v's rows `v.1` apart).
     #[target_feature(enable = "avx512f")]
     unsafe fn queries(
-        q: &[f32],
+        q: (*const f32, usize),
         kt: &[f32],
-        v: &[f32],
-        (l, lp, d): (usize, usize, usize),
+        v: (*const f32, usize),
+        (m, l, lp, d): (usize, usize, usize, usize),
         scale: f32,
-        out: &mut [f32],
+        out: (*mut f32, usize),
     ) {
         with_scratch(d * LANES * 2 + lp * LANES, |buf| {
             let (qt, rest) = buf.split_at_mut(d * LANES);
             let (ot, scores) = rest.split_at_mut(d * LANES);
             // q^T, scaled: dim c, query i at c * 48 + i, zero past the block's queries
             qt.fill(0.0);
-            for (i, row) in q.chunks_exact(d).enumerate() {
+            for i in 0..m {
+                let row = std::slice::from_raw_parts(q.0.add(i * q.1), d);
                 for (c, &x) in row.iter().enumerate() {
                     qt[c * LANES + i] = x * scale;
                 }
@@ -321,8 +454,8 @@ mod tiled {
                 for c in (0..d).step_by(8) {
                     tile::<8, 3>(
                         KEYS.min(l - k0),
-                        v.as_ptr().add(k0 * d + c),
-                        d,
+                        v.0.add(k0 * v.1 + c),
+                        v.1,
                         scores.as_ptr().add(k0 * LANES),
                         ot.as_mut_ptr().add(c * LANES),
                         LANES,
@@ -331,13 +464,33 @@ mod tiled {
                     );
                 }
             }
-            for (i, row) in out.chunks_exact_mut(d).enumerate() {
-                let norm = 1.0 / sums[i];
+            for (i, sum) in sums.iter().enumerate().take(m) {
+                let norm = 1.0 / sum;
+                let row = std::slice::from_raw_parts_mut(out.0.add(i * out.1), d);
                 for (c, o) in row.iter_mut().enumerate() {
                     *o = ot[c * LANES + i] * norm;
                 }
             }
         })
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod tiled {
+    pub(super) fn available(_: usize) -> bool {
+        false
+    }
+
+    pub(super) fn attention(
+        _: &[f32],
+        _: &[f32],
+        _: &[f32],
+        _: (usize, usize, usize, usize),
+        _: Option<usize>,
+        _: f32,
+        _: &mut [f32],
+    ) {
+        unreachable!("the tiled attention runs only where available() says yes")
     }
 }
 
@@ -422,6 +575,63 @@ mod tests {
         assert_eq!(attention(&q, &k, &k, 0.5)?.dims(), &[1, 2, 0, 8]);
         let (q, k) = (random(&[1, 2, 4, 8], 1)?, random(&[1, 2, 0, 8], 2)?);
         assert!(attention(&q, &k, &k, 0.5).is_err());
+        Ok(())
+    }
+
+    /// The plain form on the heads split out of the token layout, merged back.
+    fn plain_tokens(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, s: f64) -> Result<Tensor> {
+        let [q, k, v] = [q, k, v].map(|t| split_heads(t, heads));
+        merge_heads(&plain(&q?, &k?, &v?, s)?)
+    }
+
+    #[test]
+    fn the_token_layout_equals_the_heads_split_out() -> Result<()> {
+        // the prior's shape in small (image tokens attend over themselves and 77 more),
+        // a ragged query block, a head width without a whole tile (the split path)
+        for (b, n, l, heads, d) in [(2, 100, 177, 3, 16), (1, 5, 3, 2, 8), (2, 49, 30, 4, 12)] {
+            let q = random(&[b, n, heads * d], 1)?;
+            let k = (random(&[b, l, heads * d], 2)? * 4.0)?;
+            let v = random(&[b, l, heads * d], 3)?;
+            let ours = attention_tokens(&q, &k, &v, heads, 0.25)?;
+            let want = plain_tokens(&q, &k, &v, heads, 0.25)?;
+            assert_eq!(ours.dims(), &[b, n, heads * d]);
+            let diff = max_diff(&ours, &want)?;
+            assert!(
+                diff < 2e-6,
+                "({b}, {n}, {l}, {heads}, {d}): max difference {diff}"
+            );
+        }
+        let (q, k) = (random(&[1, 4, 12], 1)?, random(&[1, 6, 12], 2)?);
+        assert!(
+            attention_tokens(&q, &k, &k, 5, 0.5).is_err(),
+            "12 channels in 5 heads"
+        );
+        let k0 = random(&[1, 0, 16], 2)?;
+        assert!(attention_tokens(&random(&[1, 4, 16], 1)?, &k0, &k0, 2, 0.5).is_err());
+        assert!(attention_tokens(&q, &random(&[1, 6, 8], 2)?, &k, 2, 0.5).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn token_layout_gradients_equal_the_plain_form() -> Result<()> {
+        let (b, n, l, heads, d) = (2, 60, 53, 3, 8);
+        let vars: Vec<Var> = [n, l, l]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| Var::from_tensor(&random(&[b, len, heads * d], 30 + i as u64)?))
+            .collect::<Result<_>>()?;
+        let probe = random(&[b, n, heads * d], 40)?;
+        let [q, k, v] = [&vars[0], &vars[1], &vars[2]].map(|v| v.as_tensor());
+        let ours = (attention_tokens(q, k, v, heads, 0.35)? * &probe)?
+            .sum_all()?
+            .backward()?;
+        let want = (plain_tokens(q, k, v, heads, 0.35)? * &probe)?
+            .sum_all()?
+            .backward()?;
+        for var in &vars {
+            let d = max_diff(ours.get(var).unwrap(), want.get(var).unwrap())?;
+            assert!(d < 1e-5, "gradient max difference {d}");
+        }
         Ok(())
     }
 
