@@ -42,13 +42,13 @@ pub fn channel_layer_norm(x: &Tensor) -> Result<Tensor> {
 
 /// (B, C, H, W) -> (B, H*W, C), contiguous.
 pub fn to_tokens(x: &Tensor) -> Result<Tensor> {
-    x.flatten_from(2)?.transpose(1, 2)?.contiguous()
+    crate::kernels::transpose::swap_last_two(&x.flatten_from(2)?)
 }
 
 /// (B, H*W, C) -> (B, C, H, W).
 pub fn from_tokens(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (b, _, c) = x.dims3()?;
-    x.transpose(1, 2)?.reshape((b, c, h, w))
+    crate::kernels::transpose::swap_last_two(x)?.reshape((b, c, h, w))
 }
 
 /// Numerically stable softmax over the last dimension from differentiable ops.

@@ -337,7 +337,7 @@ mod tiled {
 
     /// Whether heads of width d run here: AVX-512, d a multiple of 8 (one tile's rows).
     pub(super) fn available(d: usize) -> bool {
-        super::super::packed_linear::available() && d % 8 == 0
+        super::super::packed_linear::available() && d.is_multiple_of(8)
     }
 
     /// Where each head's rows lie in a tensor of `len` rows per head: its first

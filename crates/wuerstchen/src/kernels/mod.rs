@@ -20,6 +20,7 @@ pub mod packed_linear;
 pub mod pointwise;
 #[cfg(target_arch = "x86_64")]
 mod tile;
+pub mod transpose;
 
 use std::cell::RefCell;
 
