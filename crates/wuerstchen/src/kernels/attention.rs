@@ -81,6 +81,24 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, len, h * d))
 }
 
+/// The errors for q, k and v of `l1`, `l2`, `l3`: k not `fitting` q (as the layout
+/// needs), v not shaped as k, or no keys (a softmax over nothing: the plain form fails
+/// in its max as well).
+fn check_shapes(fitting: bool, keys: usize, [l1, l2, l3]: [&Layout; 3]) -> Result<()> {
+    if !fitting || l3.shape().dims() != l2.shape().dims() {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit",
+            l1.shape(),
+            l2.shape(),
+            l3.shape()
+        )
+    }
+    if keys == 0 {
+        candle_core::bail!("attention: no keys to attend to (k {:?})", l2.shape())
+    }
+    Ok(())
+}
+
 struct SdpaTokens {
     scale: f64,
     heads: usize,
@@ -103,17 +121,7 @@ impl CustomOp3 for SdpaTokens {
         let [q, k, v] = three_f32(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let (b, n, c) = l1.shape().dims3()?;
         let (bk, l, ck) = l2.shape().dims3()?;
-        if (bk, ck) != (b, c) || l3.shape().dims() != l2.shape().dims() {
-            candle_core::bail!(
-                "attention: q {:?}, k {:?}, v {:?} do not fit",
-                l1.shape(),
-                l2.shape(),
-                l3.shape()
-            )
-        }
-        if l == 0 {
-            candle_core::bail!("attention: no keys to attend to (k {:?})", l2.shape())
-        }
+        check_shapes((bk, ck) == (b, c), l, [l1, l2, l3])?;
         let mut out = vec![0f32; b * n * c];
         if !out.is_empty() {
             let dims = (b * self.heads, n, l, c / self.heads);
@@ -167,18 +175,7 @@ impl CustomOp3 for Sdpa {
         let [q, k, v] = three_f32(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let (b, h, n, d) = l1.shape().dims4()?;
         let (bk, hk, l, dk) = l2.shape().dims4()?;
-        if (bk, hk, dk) != (b, h, d) || l3.shape().dims() != l2.shape().dims() {
-            candle_core::bail!(
-                "attention: q {:?}, k {:?}, v {:?} do not fit",
-                l1.shape(),
-                l2.shape(),
-                l3.shape()
-            )
-        }
-        if l == 0 {
-            // a softmax over nothing (the plain form fails in its max as well)
-            candle_core::bail!("attention: no keys to attend to (k {:?})", l2.shape())
-        }
+        check_shapes((bk, hk, dk) == (b, h, d), l, [l1, l2, l3])?;
         let mut out = vec![0f32; b * h * n * d];
         if out.is_empty() {
             // no queries (and no zero-sized chunks below)
