@@ -10,6 +10,7 @@ use candle_nn::{Embedding, VarBuilder};
 use crate::blocks::{layer_norm, softmax_last_dim, upcast};
 use crate::config::ClipTextConfig;
 use crate::flops::{self, Linear};
+use crate::kernels::attention::{merge_heads, split_heads};
 use crate::kernels::gelu::gelu;
 
 #[derive(Debug, Clone)]
@@ -67,15 +68,10 @@ impl EncoderLayer {
 
     /// x (B, L, D), mask (B, 1, L, L) additive
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, l, d) = x.dims3()?;
-        let hd = d / self.heads;
+        let hd = x.dim(2)? / self.heads;
         let h = self.layer_norm1.forward(x)?;
         // (B, L, D) -> (B, heads, L, hd)
-        let split = |t: Tensor| {
-            t.reshape((b, l, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let split = |t: Tensor| split_heads(&t, self.heads);
         let q = split((self.q_proj.forward(&h)? * (hd as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(&h)?)?;
         let v = split(self.v_proj.forward(&h)?)?;
@@ -84,7 +80,7 @@ impl EncoderLayer {
         let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         // (B, heads, L, hd) -> (B, L, D)
-        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
+        let attn = merge_heads(&probs.matmul(&v)?)?;
         let x = (x + self.out_proj.forward(&attn)?)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = if self.quick_gelu {

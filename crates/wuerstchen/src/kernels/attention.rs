@@ -47,7 +47,7 @@ pub fn attention_tokens(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, n, c) = q.dims3()?;
+    let c = q.dim(2)?;
     if heads == 0 || c % heads != 0 {
         candle_core::bail!("attention: {c} channels do not split into {heads} heads")
     }
@@ -64,11 +64,11 @@ pub fn attention_tokens(
         &split_heads(v, heads)?,
         scale,
     )?;
-    out.transpose(1, 2)?.reshape((b, n, c))
+    merge_heads(&out)
 }
 
 /// (B, len, H d) -> (B, H, len, d), contiguous.
-fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, len, c) = x.dims3()?;
     x.reshape((b, len, heads, c / heads))?
         .transpose(1, 2)?
@@ -76,7 +76,7 @@ fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 /// (B, H, len, d) -> (B, len, H d).
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, len, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, len, h * d))
 }

@@ -223,22 +223,23 @@ impl CustomOp1 for PanelMatmul<'_> {
             let task_pixels = plane.div_ceil(p_tasks).next_multiple_of(PIXELS);
             let per_image = n_tasks * p_tasks;
             let tiles = plane.div_ceil(PIXELS);
-            let shared =
-                (images * tiles * p.k * PIXELS * 4 <= self.shared_pixels_bytes).then(|| {
-                    // each image's pixels as tiles of PIXELS columns for every task:
-                    // tile t, input d, pixel q at t * k * PIXELS + d * PIXELS + q
-                    let mut packed = Aligned::zeros(images * tiles * p.k * PIXELS);
-                    packed
-                        .as_mut_slice()
-                        .par_chunks_mut(p.k * PIXELS)
-                        .enumerate()
-                        .for_each(|(i, tile)| {
-                            let (image, first) = (i / tiles, i % tiles * PIXELS);
-                            let x = &x[image * p.k * plane..][..p.k * plane];
-                            pack_pixel_tile(x, plane, first, tile);
-                        });
-                    packed
-                });
+            // one image's input as pixel tiles (padded to whole tiles)
+            let image_tiles = tiles * p.k * PIXELS;
+            let shared = (images * image_tiles * 4 <= self.shared_pixels_bytes).then(|| {
+                // each image's pixels as tiles of PIXELS columns for every task:
+                // tile t, input d, pixel q at t * k * PIXELS + d * PIXELS + q
+                let mut packed = Aligned::zeros(images * image_tiles);
+                packed
+                    .as_mut_slice()
+                    .par_chunks_mut(p.k * PIXELS)
+                    .enumerate()
+                    .for_each(|(i, tile)| {
+                        let (image, first) = (i / tiles, i % tiles * PIXELS);
+                        let x = &x[image * p.k * plane..][..p.k * plane];
+                        pack_pixel_tile(x, plane, first, tile);
+                    });
+                packed
+            });
             let dst = SendPtr(out.as_mut_ptr());
             (0..images * per_image).into_par_iter().for_each(|t| {
                 let (image, t) = (t / per_image, t % per_image);
@@ -246,9 +247,9 @@ impl CustomOp1 for PanelMatmul<'_> {
                 let q0 = (t % p_tasks * task_pixels).min(plane);
                 let task = PixelTask {
                     x: &x[image * p.k * plane..][..p.k * plane],
-                    packed: shared.as_ref().map(|s| {
-                        &s.as_slice()[image * tiles * p.k * PIXELS..][..tiles * p.k * PIXELS]
-                    }),
+                    packed: shared
+                        .as_ref()
+                        .map(|s| &s.as_slice()[image * image_tiles..][..image_tiles]),
                     plane,
                     outputs: j0..(j0 + outputs).min(p.n),
                     pixels: q0..(q0 + task_pixels).min(plane),
@@ -421,8 +422,8 @@ mod kernel {
                     };
                     // each pixel tile (48 x depth, 24 KiB) stays in L1 while the
                     // task's weights stream past it from L2
-                    let groups = task.outputs.len().div_ceil(OUTPUTS);
                     let lines = depth * PIXELS / 16;
+                    let share = lines.div_ceil(task.outputs.len().div_ceil(OUTPUTS));
                     for t in 0..tiles {
                         let first = t * PIXELS;
                         // the shared tiles come from L3: the next one is fetched into
@@ -431,7 +432,6 @@ mod kernel {
                         let next = (task.packed.is_some() && t + 1 < tiles).then(|| tile_at(t + 1));
                         for (g, j) in task.outputs.clone().step_by(OUTPUTS).enumerate() {
                             if let Some(next) = next {
-                                let share = lines.div_ceil(groups);
                                 for line in
                                     (g * share..((g + 1) * share).min(lines)).map(|l| l * 16)
                                 {
