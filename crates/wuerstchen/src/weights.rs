@@ -99,7 +99,7 @@ impl WeightFiles {
 
     /// Builds a model from these weights and checks afterwards that every tensor in the
     /// files was used. bf16 on the CPU builds bf16 linear layers on f32 activations
-    /// ([`linear_kind`]); f32 on an AVX-512 CPU packs them for our kernel.
+    /// ([`linear_kind`]); f32 on an AVX-512 or AVX2 CPU packs them for our kernel.
     pub fn build<M>(
         &self,
         dtype: DType,

@@ -7,7 +7,7 @@
 //! block of queries: scores for that block (one gemm), a softmax in place with a
 //! vectorised exp, and the product with v (a second gemm) — a few MB per task, in
 //! cache, spread over rayon's threads. The normaliser is applied to the output rows
-//! instead of the scores. On AVX-512 both products run on our register tile instead
+//! instead of the scores. On AVX-512 or AVX2 both products run on our register tile instead
 //! of gemm ([`tiled`]). Backward (training) is in closed form from the recomputed
 //! probabilities (the score matrix, once).
 
@@ -315,15 +315,15 @@ fn gradients(
     (gq, gk, gv)
 }
 
-/// The same on our AVX-512 register tile, transposed so that the queries are the
+/// The same on our register tile (AVX-512 or AVX2), transposed so that the queries are the
 /// vector lanes: per head and block of 48 queries, scores^T (keys x 48) = k q^T, the
 /// softmax down each column (max, exp and sum are then plain vector ops over rows of
 /// 48), and out^T (d x 48) = v^T P^T. Neither k (transposed once per head) nor v is
 /// repacked per block, where the gemm path packed both for every block of queries.
 #[cfg(target_arch = "x86_64")]
 mod tiled {
-    use super::super::tile::{tile, Start};
-    use super::super::{with_scratch, SendPtr};
+    use super::super::tile::{tile_kernel, Start};
+    use super::super::{with_scratch, Isa, SendPtr};
     use super::*;
 
     /// Queries per task: the tile's 48 vector lanes.
@@ -332,9 +332,10 @@ mod tiled {
     /// KiB) stays in L1 while v's columns stream past it.
     const KEYS: usize = 128;
 
-    /// Whether heads of width d run here: AVX-512, d a multiple of 8 (one tile's rows).
+    /// Whether heads of width d run here: a tile [`Isa`], d a multiple of 8 (one
+    /// tile's rows).
     pub(super) fn available(d: usize) -> bool {
-        super::super::packed_linear::available() && d.is_multiple_of(8)
+        Isa::current().is_some() && d.is_multiple_of(8)
     }
 
     /// Where each head's rows lie in a tensor of `len` rows per head: its first
@@ -359,6 +360,9 @@ mod tiled {
         scale: f32,
         out: &mut [f32],
     ) {
+        let Some(isa) = Isa::current() else {
+            unreachable!("the tiled attention runs only where available() says yes")
+        };
         // k^T per head, keys padded to whole tiles of 8: dim c, key j at c * lp + j
         let lp = l.div_ceil(8) * 8;
         let mut kt = vec![0f32; heads * d * lp];
@@ -378,12 +382,13 @@ mod tiled {
             let (v0, v_step) = rows(h, l, d, tokens);
             let kt = &kt[h * d * lp..][..d * lp];
             let at = q0 + i0 * q_step;
-            // SAFETY: the caller checked AVX-512 and d; the block's m rows of q and
+            // SAFETY: available() checked the CPU and d; the block's m rows of q and
             // out (m - 1 steps and d past `at`) and v's l rows lie inside the buffers
             // of these dims; the tiles read kt within its padded rows; each task
             // writes only its own rows x d of out.
             unsafe {
                 queries(
+                    isa,
                     (q.as_ptr().add(at), q_step),
                     kt,
                     (v.as_ptr().add(v0), v_step),
@@ -395,17 +400,18 @@ mod tiled {
         });
     }
 
+    tile_kernel! {
     /// One head's block of m <= 48 queries (rows of q `q.1` apart) -> out (rows
     /// `out.1` apart), over l keys (v's rows `v.1` apart).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn queries(
+    unsafe fn queries<T>(
         q: (*const f32, usize),
         kt: &[f32],
         v: (*const f32, usize),
-        (m, l, lp, d): (usize, usize, usize, usize),
+        dims: (usize, usize, usize, usize),
         scale: f32,
         out: (*mut f32, usize),
     ) {
+        let (m, l, lp, d) = dims;
         with_scratch(d * LANES * 2 + lp * LANES, |buf| {
             let (qt, rest) = buf.split_at_mut(d * LANES);
             let (ot, scores) = rest.split_at_mut(d * LANES);
@@ -419,7 +425,7 @@ mod tiled {
             }
             // scores^T (keys, 48) = k q^T, 8 keys per tile
             for j in (0..l).step_by(8) {
-                tile::<8, 3>(
+                T::tile::<8, 3>(
                     d,
                     kt.as_ptr().add(j),
                     lp,
@@ -449,7 +455,7 @@ mod tiled {
             for k0 in (0..l).step_by(KEYS) {
                 let start = if k0 == 0 { Start::Zero } else { Start::Output };
                 for c in (0..d).step_by(8) {
-                    tile::<8, 3>(
+                    T::tile::<8, 3>(
                         KEYS.min(l - k0),
                         v.0.add(k0 * v.1 + c),
                         v.1,
@@ -469,6 +475,7 @@ mod tiled {
                 }
             }
         })
+    }
     }
 }
 
@@ -534,6 +541,7 @@ pub(super) fn exp(x: f32) -> f32 {
 mod tests {
     use super::*;
     use crate::kernels::tests::{max_diff, random};
+    use crate::kernels::Isa;
     use candle_core::Var;
 
     #[test]
@@ -561,11 +569,16 @@ mod tests {
             let q = random(&[2, 3, n, d], 1)?;
             let k = (random(&[2, 3, l, d], 2)? * 4.0)?;
             let v = random(&[2, 3, l, d], 3)?;
-            let ours = attention(&q, &k, &v, 0.25)?;
             let want = plain(&q, &k, &v, 0.25)?;
-            assert_eq!(ours.dims(), want.dims());
-            let diff = max_diff(&ours, &want)?;
-            assert!(diff < 2e-6, "n {n}, l {l}, d {d}: max difference {diff}");
+            for isa in Isa::supported() {
+                let ours = isa.with(|| attention(&q, &k, &v, 0.25))?;
+                assert_eq!(ours.dims(), want.dims());
+                let diff = max_diff(&ours, &want)?;
+                assert!(
+                    diff < 2e-6,
+                    "{isa:?}, n {n}, l {l}, d {d}: max difference {diff}"
+                );
+            }
         }
         // no queries: an empty output; no keys: an error, not a panic
         let (q, k) = (random(&[1, 2, 0, 8], 1)?, random(&[1, 2, 5, 8], 2)?);
@@ -589,14 +602,16 @@ mod tests {
             let q = random(&[b, n, heads * d], 1)?;
             let k = (random(&[b, l, heads * d], 2)? * 4.0)?;
             let v = random(&[b, l, heads * d], 3)?;
-            let ours = attention_tokens(&q, &k, &v, heads, 0.25)?;
             let want = plain_tokens(&q, &k, &v, heads, 0.25)?;
-            assert_eq!(ours.dims(), &[b, n, heads * d]);
-            let diff = max_diff(&ours, &want)?;
-            assert!(
-                diff < 2e-6,
-                "({b}, {n}, {l}, {heads}, {d}): max difference {diff}"
-            );
+            for isa in Isa::supported() {
+                let ours = isa.with(|| attention_tokens(&q, &k, &v, heads, 0.25))?;
+                assert_eq!(ours.dims(), &[b, n, heads * d]);
+                let diff = max_diff(&ours, &want)?;
+                assert!(
+                    diff < 2e-6,
+                    "{isa:?}, ({b}, {n}, {l}, {heads}, {d}): max difference {diff}"
+                );
+            }
         }
         let (q, k) = (random(&[1, 4, 12], 1)?, random(&[1, 6, 12], 2)?);
         assert!(

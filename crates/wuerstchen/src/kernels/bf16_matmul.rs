@@ -10,13 +10,15 @@
 //! Models get these layers when they are built as [`LinearKind::Bf16`](super::linear_kind)
 //! (`WeightFiles::build` does so for bf16 on the CPU). The weight is converted once,
 //! at build time, into the tile layout (half the bytes of f32). A CPU without AMX gets
-//! the same arithmetic, bf16-rounded operands summed in f32, from the f32 gemm.
+//! the same arithmetic, bf16-rounded operands summed in f32, from our f32 kernel
+//! ([`PackedLinear::rounded_to_bf16`]) or, without AVX2 either, from candle's gemm.
 
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::packed_linear::{self, PackedLinear};
 use super::{contiguous_f32, simd_dispatch, unsupported, SendPtr};
 
 /// Whether this CPU and kernel let the process use AMX bf16 tiles (checked once).
@@ -36,20 +38,41 @@ enum Weight {
         packed: Packed,
         bias: Option<Vec<f32>>,
     },
-    /// No AMX: candle's layer on the bf16-rounded weight, fed bf16-rounded inputs.
+    /// No AMX: our f32 kernel, rounding both operands to bf16 as it packs them.
+    Packed(PackedLinear),
+    /// Neither AMX nor our f32 kernel: candle's layer on the bf16-rounded weight, fed
+    /// bf16-rounded inputs.
     Rounded(candle_nn::Linear),
+}
+
+/// Which form of the layer [`Bf16Linear::build`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Tiles,
+    Packed,
+    Rounded,
 }
 
 impl Bf16Linear {
     /// From a PyTorch-layout weight (out, in) of any float dtype and a bias (out).
     pub fn new(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Self::build(weight, bias, amx_available() && weight.device().is_cpu())
+        let cpu = weight.device().is_cpu();
+        let form = if cpu && amx_available() {
+            Form::Tiles
+        } else if cpu && packed_linear::available() {
+            Form::Packed
+        } else {
+            Form::Rounded
+        };
+        Self::build(weight, bias, form)
     }
 
-    fn build(weight: &Tensor, bias: Option<Tensor>, tiles: bool) -> Result<Self> {
+    fn build(weight: &Tensor, bias: Option<Tensor>, form: Form) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        let w = if tiles {
+        let w = if form == Form::Packed {
+            Weight::Packed(PackedLinear::rounded_to_bf16(weight, bias.as_ref())?)
+        } else if form == Form::Tiles {
             let w = weight
                 .to_dtype(DType::F32)?
                 .flatten_all()?
@@ -68,11 +91,12 @@ impl Bf16Linear {
     pub fn out_features(&self) -> usize {
         match &*self.0 {
             Weight::Tiles { packed, .. } => packed.n,
+            Weight::Packed(layer) => layer.out_features(),
             Weight::Rounded(layer) => layer.weight().dims()[0],
         }
     }
 
-    /// The product in either layout: on AMX tiles, or from candle's ops.
+    /// The product in either layout: on AMX tiles, our f32 kernel, or candle's ops.
     fn product(&self, x: &Tensor, channels_first: bool) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         match &*self.0 {
@@ -81,6 +105,8 @@ impl Bf16Linear {
                 bias: bias.as_deref(),
                 channels_first,
             }),
+            Weight::Packed(layer) if channels_first => layer.forward_channels_first(&x),
+            Weight::Packed(layer) => layer.forward(&x),
             Weight::Rounded(layer) if channels_first => {
                 super::pointwise::plain(&round_to_bf16(&x)?, layer.weight(), layer.bias())
             }
@@ -105,6 +131,12 @@ impl Module for Bf16Linear {
 /// `t` rounded to the nearest bf16 (ties to even), as f32.
 fn round_to_bf16(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+}
+
+/// `x` rounded to the nearest bf16, ties to even, as f32.
+#[inline(always)]
+pub(super) fn round_to_bf16_f32(x: f32) -> f32 {
+    f32::from_bits((bf16_bits(x) as u32) << 16)
 }
 
 /// f32 to bf16 bits, round to nearest, ties to even (as candle's and PyTorch's casts).
@@ -620,11 +652,15 @@ mod tests {
         y.reshape(dims)
     }
 
-    /// Both forms of the layer, with tiles (where the CPU has AMX) and without.
+    /// Every form of the layer this CPU runs: candle's, our f32 kernel's (where it
+    /// runs), AMX tiles (where the CPU has them).
     fn layers(w: &Tensor, b: &Tensor) -> Result<Vec<Bf16Linear>> {
-        let mut layers = vec![Bf16Linear::build(w, Some(b.clone()), false)?];
+        let mut layers = vec![Bf16Linear::build(w, Some(b.clone()), Form::Rounded)?];
+        if packed_linear::available() {
+            layers.push(Bf16Linear::build(w, Some(b.clone()), Form::Packed)?);
+        }
         if amx_available() {
-            layers.push(Bf16Linear::build(w, Some(b.clone()), true)?);
+            layers.push(Bf16Linear::build(w, Some(b.clone()), Form::Tiles)?);
         } else {
             println!("no AMX on this CPU: the tile path is not tested here");
         }
@@ -716,13 +752,10 @@ mod tests {
             65504.0,
             1e30,
         ];
-        let ours: Vec<f32> = xs
-            .iter()
-            .map(|&x| f32::from_bits((bf16_bits(x) as u32) << 16))
-            .collect();
+        let ours: Vec<f32> = xs.iter().map(|&x| round_to_bf16_f32(x)).collect();
         let t = Tensor::new(&xs[..], &candle_core::Device::Cpu)?;
         assert_eq!(ours, round_to_bf16(&t)?.to_vec1::<f32>()?);
-        assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
+        assert!(round_to_bf16_f32(f32::NAN).is_nan());
         Ok(())
     }
 }

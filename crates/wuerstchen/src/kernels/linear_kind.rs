@@ -1,5 +1,5 @@
 //! Which linear layers a model is built with: candle's (training, and every device or
-//! dtype without a faster form), f32 weights packed for our AVX-512 kernel
+//! dtype without a faster form), f32 weights packed for our AVX-512 / AVX2 kernel
 //! ([`packed_linear`](super::packed_linear), inference in f32 on the CPU), or bf16
 //! weights on AMX tiles ([`bf16_matmul`](super::bf16_matmul), `--dtype bf16` on the
 //! CPU). The packed forms drop the weight's tensor, so they have no gradient: only
@@ -42,7 +42,7 @@ pub fn building() -> LinearKind {
 
 /// Builds a model (`build`) for inference over the weights of `backend`, asked for in
 /// `dtype`: bf16 on the CPU reads them as f32 and makes the linear layers bf16; f32 on
-/// a CPU with AVX-512 packs them; anything else is built as it is. Loading
+/// a CPU with AVX-512 or AVX2 packs them; anything else is built as it is. Loading
 /// (`WeightFiles::build`) and the benchmark's random weights both build through here.
 pub fn build_model<'a, T>(
     backend: Box<dyn SimpleBackend + 'a>,

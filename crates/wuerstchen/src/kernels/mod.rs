@@ -26,6 +26,59 @@ use std::cell::RefCell;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, Var};
 
+/// The instruction sets the register-tile kernels (the packed linear layers, the
+/// tiled attention) are compiled for ([`tile`]), best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+}
+
+#[cfg(test)]
+thread_local! {
+    static TEST_ISA: std::cell::Cell<Option<Isa>> = const { std::cell::Cell::new(None) };
+}
+
+impl Isa {
+    /// The set the tile kernels run on here: the best this CPU has, or None where it
+    /// has neither (their callers then take candle's ops).
+    pub fn current() -> Option<Isa> {
+        #[cfg(test)]
+        if let Some(isa) = TEST_ISA.with(std::cell::Cell::get) {
+            return Some(isa);
+        }
+        Self::detected()
+    }
+
+    fn detected() -> Option<Isa> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            tile::detect()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    }
+
+    /// Every set this CPU runs, so that a test checks each.
+    #[cfg(test)]
+    pub(crate) fn supported() -> Vec<Isa> {
+        match Self::detected() {
+            Some(Isa::Avx512) => vec![Isa::Avx512, Isa::Avx2],
+            Some(Isa::Avx2) => vec![Isa::Avx2],
+            None => vec![],
+        }
+    }
+
+    /// Runs `f` with the kernels called on this thread taking this set.
+    #[cfg(test)]
+    pub(crate) fn with<T>(self, f: impl FnOnce() -> T) -> T {
+        let before = TEST_ISA.with(|i| i.replace(Some(self)));
+        let out = f();
+        TEST_ISA.with(|i| i.set(before));
+        out
+    }
+}
+
 /// Compiles `$body` (a closure-like block over its arguments) once per instruction
 /// set and runs the best one the CPU supports: AVX-512, AVX2 + FMA, or the baseline.
 /// The body is generic Rust that the compiler vectorises for each target.

@@ -1,5 +1,5 @@
 //! f32 linear layers whose weights are packed once, at build time, for our own
-//! AVX-512 kernel: inference in f32 on the CPU.
+//! AVX-512 / AVX2 kernel: inference in f32 on the CPU.
 //!
 //! candle's matmul (the `gemm` crate) copies the weight into its panel layout on every
 //! call. For the text encoders (154 tokens against weights of 1280 x 5120) that copy
@@ -14,19 +14,19 @@
 //! - channels-first (B, k, H, W) -> (B, n, H, W): `y = w x` per image, the weight is
 //!   broadcast (8 outputs of a panel at a time) and 48 pixels of x are the vectors.
 //!
-//! Both run the same register tile ([`kernel::tile`]), summing over the depth in blocks
-//! of [`DEPTH`] so the operand a run of tiles shares stays in L1; the packed operands
-//! start on cache lines ([`Aligned`]). A CPU without AVX-512 gets candle's layer (the
-//! caller builds [`LinearKind::Candle`](super::linear_kind) there).
+//! Both run the same register tile ([`super::tile`]: AVX-512, or AVX2 + FMA), summing
+//! over the depth in blocks of [`DEPTH`] so the operand a run of tiles shares stays in
+//! L1; the packed operands start on cache lines ([`Aligned`]). A CPU with neither gets
+//! candle's layer (the caller builds [`LinearKind::Candle`](super::linear_kind) there).
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, linear_output_dims, unsupported, with_scratch, Aligned, SendPtr};
+use super::{contiguous_f32, linear_output_dims, unsupported, with_scratch, Aligned, Isa, SendPtr};
 
-/// Outputs per weight panel: two AVX-512 vectors.
+/// Outputs per weight panel: two AVX-512 vectors (four of AVX2).
 const PANEL: usize = 32;
 /// Token rows broadcast by one register tile (12 x 2 vectors: 24 accumulators).
 const ROWS: usize = 12;
@@ -87,14 +87,9 @@ fn pixel_tasks(plane: usize, others: usize, threads: usize) -> usize {
     tasks
 }
 
-/// Whether this CPU runs the kernel (AVX-512 F).
+/// Whether this CPU runs the kernel (AVX-512 F, or AVX2 + FMA: [`Isa`]).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    Isa::current().is_some()
 }
 
 /// A linear layer `x w^T + b` with its weight in the kernel's panels.
@@ -109,12 +104,28 @@ struct Packed {
     bias: Vec<f32>,
     n: usize,
     k: usize,
+    /// bf16 arithmetic on this f32 kernel: the weight was rounded to bf16 when packed,
+    /// and each input is rounded as it is packed.
+    bf16: bool,
 }
 
 impl PackedLinear {
     /// From a PyTorch-layout weight (out, in) and a bias (out), of any float dtype.
     /// Only where [`available`] says yes.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        Self::build(weight, bias, false)
+    }
+
+    /// The layer in bf16 arithmetic, as [`Bf16Linear`](super::bf16_matmul) computes
+    /// it: both operands of every product rounded to bf16, the sums in f32. For CPUs
+    /// without AMX, where this kernel is faster than a bf16 one would be (no bf16
+    /// products, or emulated), and rounding the inputs costs nothing extra: they are
+    /// rounded while they are packed anyway.
+    pub fn rounded_to_bf16(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        Self::build(weight, bias, true)
+    }
+
+    fn build(weight: &Tensor, bias: Option<&Tensor>, bf16: bool) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         if k == 0 || n == 0 {
             candle_core::bail!(
@@ -138,7 +149,7 @@ impl PackedLinear {
                 let count = rows.len() / k;
                 for (c, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
                     for (j, d) in dst[..count].iter_mut().enumerate() {
-                        *d = rows[j * k + c];
+                        *d = rounded(rows[j * k + c], bf16);
                     }
                 }
             });
@@ -155,6 +166,7 @@ impl PackedLinear {
             bias: padded,
             n,
             k,
+            bf16,
         })))
     }
 
@@ -204,6 +216,7 @@ impl CustomOp1 for PanelMatmul<'_> {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout).ok_or_else(|| unsupported(self.name()))?;
+        let isa = Isa::current().ok_or_else(|| unsupported(self.name()))?;
         let p = self.packed;
         let dims = linear_output_dims(self.name(), layout.dims(), self.channels_first, p.k, p.n)?;
         let len = x.len() / p.k * p.n;
@@ -236,7 +249,7 @@ impl CustomOp1 for PanelMatmul<'_> {
                     .for_each(|(i, tile)| {
                         let (image, first) = (i / tiles, i % tiles * PIXELS);
                         let x = &x[image * p.k * plane..][..p.k * plane];
-                        pack_pixel_tile(x, plane, first, tile);
+                        pack_pixel_tile(x, plane, first, tile, p.bf16);
                     });
                 packed
             });
@@ -256,7 +269,7 @@ impl CustomOp1 for PanelMatmul<'_> {
                 };
                 // SAFETY: PackedLinear exists only where available() said yes; each
                 // task writes only its outputs x pixels of its image, inside `out`.
-                unsafe { kernel::pixels(p, &task, dst.get().add(image * p.n * plane)) }
+                unsafe { kernel::pixels(isa, p, &task, dst.get().add(image * p.n * plane)) }
             });
         } else {
             let m = x.len() / p.k;
@@ -269,7 +282,7 @@ impl CustomOp1 for PanelMatmul<'_> {
                 .for_each(|(tile, rows)| {
                     for (i, row) in rows.chunks_exact(p.k).enumerate() {
                         for (c, &v) in row.iter().enumerate() {
-                            tile[c * ROWS + i] = v;
+                            tile[c * ROWS + i] = rounded(v, p.bf16);
                         }
                     }
                 });
@@ -283,7 +296,7 @@ impl CustomOp1 for PanelMatmul<'_> {
                 let rows = r0..(r0 + task_rows).min(m);
                 let outputs = j0..(j0 + TASK_OUTPUTS).min(p.n);
                 // SAFETY: as above; each task writes only its rows x outputs of `out`.
-                unsafe { kernel::rows(p, a.as_slice(), rows, outputs, dst.get()) }
+                unsafe { kernel::rows(isa, p, a.as_slice(), rows, outputs, dst.get()) }
             });
         }
         // SAFETY: the tasks cover all rows (or images and pixels) x all outputs, and
@@ -293,9 +306,19 @@ impl CustomOp1 for PanelMatmul<'_> {
     }
 }
 
+/// `x`, or `x` rounded to the nearest bf16 (as f32) for a layer in bf16.
+#[inline(always)]
+fn rounded(x: f32, bf16: bool) -> f32 {
+    if bf16 {
+        super::bf16_matmul::round_to_bf16_f32(x)
+    } else {
+        x
+    }
+}
+
 /// Copies pixels `first..first + PIXELS` of every input of `x` (inputs x plane) into
-/// `tile` (inputs x PIXELS), zero past the plane's end.
-fn pack_pixel_tile(x: &[f32], plane: usize, first: usize, tile: &mut [f32]) {
+/// `tile` (inputs x PIXELS), zero past the plane's end; rounded to bf16 if `bf16`.
+fn pack_pixel_tile(x: &[f32], plane: usize, first: usize, tile: &mut [f32], bf16: bool) {
     let count = PIXELS.min(plane - first);
     for (src, dst) in x.chunks_exact(plane).zip(tile.chunks_exact_mut(PIXELS)) {
         let src = &src[first..][..count];
@@ -303,11 +326,19 @@ fn pack_pixel_tile(x: &[f32], plane: usize, first: usize, tile: &mut [f32]) {
             <&mut [f32; PIXELS]>::try_from(&mut *dst),
             <&[f32; PIXELS]>::try_from(src),
         ) {
-            // a fixed-size copy: three vector moves, where a slice copy calls
-            // memmove (12% of the prior's time)
-            *dst = *src;
+            if bf16 {
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = rounded(s, true);
+                }
+            } else {
+                // a fixed-size copy: three vector moves, where a slice copy calls
+                // memmove (12% of the prior's time)
+                *dst = *src;
+            }
         } else {
-            dst[..count].copy_from_slice(src);
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = rounded(s, bf16);
+            }
             dst[count..].fill(0.0);
         }
     }
@@ -327,13 +358,13 @@ struct PixelTask<'a> {
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::super::tile::{tile, Start};
+    use super::super::tile::{tile_kernel, Start};
     use super::*;
 
+    tile_kernel! {
     /// Token layout: `out[rows, outputs] = x[rows] w[outputs]^T + b`, with `a` all
     /// rows packed as tiles and `out` the whole (m, n) output.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rows(
+    pub(super) unsafe fn rows<T>(
         p: &Packed,
         a: &[f32],
         rows: std::ops::Range<usize>,
@@ -370,7 +401,7 @@ mod kernel {
                         _mm_prefetch::<_MM_HINT_T1>(next.add(line) as *const i8);
                     }
                 }
-                tile::<ROWS, 2>(
+                T::tile::<ROWS, 2>(
                     depth,
                     a.as_ptr().add(r * k + d0 * ROWS),
                     ROWS,
@@ -383,11 +414,12 @@ mod kernel {
             }
         }
     }
+    }
 
+    tile_kernel! {
     /// Channels-first: `out[outputs, pixels] = w[outputs] x[:, pixels] + b` for one
     /// image, `out` its (n, plane) output.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pixels(p: &Packed, task: &PixelTask, out: *mut f32) {
+    pub(super) unsafe fn pixels<T>(p: &Packed, task: &PixelTask, out: *mut f32) {
         let (k, plane) = (p.k, task.plane);
         let chunk = depth_chunk(k, task.outputs.len());
         with_scratch(BLOCK_PIXELS.div_ceil(PIXELS) * PIXELS * DEPTH, |b| {
@@ -409,6 +441,7 @@ mod kernel {
                                 plane,
                                 q0 + t * PIXELS,
                                 tile,
+                                p.bf16,
                             );
                         }
                     }
@@ -449,7 +482,7 @@ mod kernel {
                             } else {
                                 Start::Output
                             };
-                            tile::<OUTPUTS, 3>(
+                            T::tile::<OUTPUTS, 3>(
                                 depth,
                                 weights,
                                 PANEL,
@@ -465,6 +498,7 @@ mod kernel {
             }
         })
     }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -472,6 +506,7 @@ mod kernel {
     use super::*;
 
     pub(super) unsafe fn rows(
+        _: Isa,
         _: &Packed,
         _: &[f32],
         _: std::ops::Range<usize>,
@@ -481,7 +516,7 @@ mod kernel {
         unreachable!("PackedLinear is only built where available() says yes")
     }
 
-    pub(super) unsafe fn pixels(_: &Packed, _: &PixelTask, _: *mut f32) {
+    pub(super) unsafe fn pixels(_: Isa, _: &Packed, _: &PixelTask, _: *mut f32) {
         unreachable!("PackedLinear is only built where available() says yes")
     }
 }
@@ -493,7 +528,7 @@ mod tests {
 
     fn skip() -> bool {
         if !available() {
-            println!("no AVX-512 on this CPU: the packed layer is not tested here");
+            println!("neither AVX-512 nor AVX2 on this CPU: the packed layer is not tested here");
         }
         !available()
     }
@@ -528,9 +563,12 @@ mod tests {
         ] {
             let k = *dims.last().unwrap();
             let (x, w, b) = (random(dims, 1)?, random(&[n, k], 2)?, random(&[n], 3)?);
-            let got = PackedLinear::new(&w, Some(&b))?.forward(&x)?;
-            let d = max_diff(&got, &reference(&x, &w, &b, false)?)?;
-            assert!(d < tolerance(k), "{dims:?} x {n}: {d}");
+            let layer = PackedLinear::new(&w, Some(&b))?;
+            let want = reference(&x, &w, &b, false)?;
+            for isa in Isa::supported() {
+                let d = max_diff(&isa.with(|| layer.forward(&x))?, &want)?;
+                assert!(d < tolerance(k), "{isa:?}, {dims:?} x {n}: {d}");
+            }
         }
         for &(images, k, n, h, w_) in &[
             (2usize, 37usize, 45usize, 9usize, 17usize),
@@ -545,15 +583,30 @@ mod tests {
         ] {
             let x = random(&[images, k, h, w_], 5)?;
             let (w, b) = (random(&[n, k], 6)?, random(&[n], 7)?);
-            let layer = PackedLinear::new(&w, Some(&b))?;
-            let want = reference(&x, &w, &b, true)?;
+            // in f32, and in bf16 (the f32 product of the rounded operands)
+            let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+            let f32 = (
+                PackedLinear::new(&w, Some(&b))?,
+                reference(&x, &w, &b, true)?,
+            );
+            let bf16 = (
+                PackedLinear::rounded_to_bf16(&w, Some(&b))?,
+                reference(&round(&x)?, &round(&w)?, &b, true)?,
+            );
             // the input packed once for all tasks, and by each task as it goes
-            for shared in [SHARED_PIXELS_BYTES, 0] {
-                let got = layer.product_sharing(&x, true, shared)?;
-                let d = max_diff(&got, &want)?;
+            let cases = Isa::supported().into_iter().flat_map(|isa| {
+                [SHARED_PIXELS_BYTES, 0]
+                    .into_iter()
+                    .flat_map(move |s| [(isa, s, false), (isa, s, true)])
+            });
+            for (isa, shared, rounded) in cases {
+                let (layer, want) = if rounded { &bf16 } else { &f32 };
+                let got = isa.with(|| layer.product_sharing(&x, true, shared))?;
+                let d = max_diff(&got, want)?;
                 assert!(
                     d < tolerance(k),
-                    "({images}, {k}, {h}, {w_}) -> {n}, {shared}: {d}"
+                    "{isa:?}, ({images}, {k}, {h}, {w_}) -> {n}, {shared}, {:?}: {d}",
+                    layer.0.bf16
                 );
             }
         }
