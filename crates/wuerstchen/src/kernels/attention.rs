@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::{
     dot, fast_path, gemm_strided, matmul_into, max, plain_gradients, simd_dispatch, sum_by,
-    three_f32,
+    three_f32, Isa,
 };
 use crate::blocks::{softmax_last_dim, upcast};
 
@@ -51,11 +51,11 @@ pub fn attention_tokens(
     if heads == 0 || c % heads != 0 {
         candle_core::bail!("attention: {c} channels do not split into {heads} heads")
     }
-    if fast_path(&[q, k, v]) && tiled::available(c / heads) {
+    if let Some(isa) = tiled::available(c / heads).filter(|_| fast_path(&[q, k, v])) {
         return q.contiguous()?.apply_op3(
             &k.contiguous()?,
             &v.contiguous()?,
-            SdpaTokens { scale, heads },
+            SdpaTokens { scale, heads, isa },
         );
     }
     let out = attention(
@@ -102,6 +102,8 @@ fn check_shapes(fitting: bool, keys: usize, [l1, l2, l3]: [&Layout; 3]) -> Resul
 struct SdpaTokens {
     scale: f64,
     heads: usize,
+    /// The set [`tiled::available`] gave for these heads.
+    isa: Isa,
 }
 
 impl CustomOp3 for SdpaTokens {
@@ -125,7 +127,8 @@ impl CustomOp3 for SdpaTokens {
         let mut out = vec![0f32; b * n * c];
         if !out.is_empty() {
             let dims = (b * self.heads, n, l, c / self.heads);
-            tiled::attention(q, k, v, dims, Some(self.heads), self.scale as f32, &mut out);
+            let scale = self.scale as f32;
+            tiled::attention(self.isa, q, k, v, dims, Some(self.heads), scale, &mut out);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
@@ -182,8 +185,8 @@ impl CustomOp3 for Sdpa {
             return Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))));
         }
         let scale = self.scale as f32;
-        if tiled::available(d) {
-            tiled::attention(q, k, v, (b * h, n, l, d), None, scale, &mut out);
+        if let Some(isa) = tiled::available(d) {
+            tiled::attention(isa, q, k, v, (b * h, n, l, d), None, scale, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))));
         }
         // one task per (head, block of queries); its output rows are its own
@@ -323,7 +326,7 @@ fn gradients(
 #[cfg(target_arch = "x86_64")]
 mod tiled {
     use super::super::tile::{tile_kernel, Start};
-    use super::super::{with_scratch, Isa, SendPtr};
+    use super::super::{with_scratch, SendPtr};
     use super::*;
 
     /// Queries per task: the tile's 48 vector lanes.
@@ -332,10 +335,10 @@ mod tiled {
     /// KiB) stays in L1 while v's columns stream past it.
     const KEYS: usize = 128;
 
-    /// Whether heads of width d run here: a tile [`Isa`], d a multiple of 8 (one
-    /// tile's rows).
-    pub(super) fn available(d: usize) -> bool {
-        Isa::current().is_some() && d.is_multiple_of(8)
+    /// The tile [`Isa`] heads of width d run on here, if any: d must be a multiple of
+    /// 8 (one tile's rows).
+    pub(super) fn available(d: usize) -> Option<Isa> {
+        Isa::current().filter(|_| d.is_multiple_of(8))
     }
 
     /// Where each head's rows lie in a tensor of `len` rows per head: its first
@@ -351,7 +354,9 @@ mod tiled {
     /// `out` from q (n rows a head), k and v (l rows a head), all in the heads layout
     /// (`tokens` None) or all in the token layout of H heads (`Some(H)`); `heads`
     /// counts the heads of all batch entries; d as [`available`] says.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn attention(
+        isa: Isa,
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -360,9 +365,6 @@ mod tiled {
         scale: f32,
         out: &mut [f32],
     ) {
-        let Some(isa) = Isa::current() else {
-            unreachable!("the tiled attention runs only where available() says yes")
-        };
         // k^T per head, keys padded to whole tiles of 8: dim c, key j at c * lp + j
         let lp = l.div_ceil(8) * 8;
         let mut kt = vec![0f32; heads * d * lp];
@@ -481,11 +483,15 @@ mod tiled {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod tiled {
-    pub(super) fn available(_: usize) -> bool {
-        false
+    use super::Isa;
+
+    pub(super) fn available(_: usize) -> Option<Isa> {
+        None
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn attention(
+        _: Isa,
         _: &[f32],
         _: &[f32],
         _: &[f32],

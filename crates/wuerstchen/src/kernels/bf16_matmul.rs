@@ -70,19 +70,19 @@ impl Bf16Linear {
     fn build(weight: &Tensor, bias: Option<Tensor>, form: Form) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        let w = if form == Form::Packed {
-            Weight::Packed(PackedLinear::rounded_to_bf16(weight, bias.as_ref())?)
-        } else if form == Form::Tiles {
-            let w = weight
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            Weight::Tiles {
-                packed: Packed::new(&w, n, k),
-                bias: bias.map(|b| b.to_vec1::<f32>()).transpose()?,
+        let w = match form {
+            Form::Tiles => {
+                let w = weight
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                Weight::Tiles {
+                    packed: Packed::new(&w, n, k),
+                    bias: bias.map(|b| b.to_vec1::<f32>()).transpose()?,
+                }
             }
-        } else {
-            Weight::Rounded(candle_nn::Linear::new(round_to_bf16(weight)?, bias))
+            Form::Packed => Weight::Packed(PackedLinear::rounded_to_bf16(weight, bias.as_ref())?),
+            Form::Rounded => Weight::Rounded(candle_nn::Linear::new(round_to_bf16(weight)?, bias)),
         };
         Ok(Self(Arc::new(w)))
     }
