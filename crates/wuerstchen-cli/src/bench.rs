@@ -1,9 +1,10 @@
 //! `wuerstchen bench`: the official full-size components with random weights, timed.
 
 use anyhow::Result;
-use wuerstchen::bench::{bench, table, BenchSpec, Component};
+use wuerstchen::bench::{bench, table, BenchEvent, BenchSpec, Component};
 
 use crate::generate::{parse_device, parse_dtype};
+use crate::progress::StageBars;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -36,6 +37,10 @@ pub struct BenchArgs {
     /// Print one JSON array instead of the table.
     #[arg(long)]
     json: bool,
+    /// No progress on stderr (which component runs, each run's seconds, the
+    /// pipeline's steps).
+    #[arg(long)]
+    quiet: bool,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -64,12 +69,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let mut rows = Vec::new();
     for c in components {
-        eprintln!(
-            "{}: building and {} warm-up run(s)...",
-            c.name(),
-            spec.warmup
-        );
-        let row = bench(c, &spec, &device, &mut |s| eprintln!("  {:.3} s", s))?;
+        if !a.quiet {
+            eprintln!(
+                "{}: building and {} warm-up run(s)...",
+                c.name(),
+                spec.warmup
+            );
+        }
+        // the pipeline's calls take minutes: a bar per denoising stage
+        let mut bars = StageBars::new(a.quiet);
+        let row = bench(c, &spec, &device, &mut |e| match e {
+            BenchEvent::Step(p) => bars.update(p),
+            BenchEvent::Timed(s) => {
+                bars.finish();
+                if !a.quiet {
+                    eprintln!("  {s:.3} s");
+                }
+            }
+        })?;
+        bars.finish();
         rows.push(row);
     }
     if a.json {

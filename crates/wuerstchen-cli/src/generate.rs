@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use indicatif::{ProgressBar, ProgressStyle};
 use wuerstchen::image_io::{encode_png, write_atomically};
 use wuerstchen::noise::NoiseSource;
-use wuerstchen::pipeline::{GenerationParams, Progress, Stage, WuerstchenPipeline};
+use wuerstchen::pipeline::{GenerationParams, WuerstchenPipeline};
 use wuerstchen::{default_model, hub};
 
+use crate::progress::StageBars;
 use crate::GenerateArgs;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -174,49 +174,4 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     (0..n)
         .map(|i| out.with_file_name(format!("{stem}-{i}{ext}")))
         .collect()
-}
-
-/// One progress bar per denoising stage, with it/s.
-struct StageBars {
-    quiet: bool,
-    current: Option<(Stage, ProgressBar)>,
-}
-
-impl StageBars {
-    fn new(quiet: bool) -> Self {
-        Self {
-            quiet,
-            current: None,
-        }
-    }
-
-    fn update(&mut self, p: Progress) {
-        if self.quiet {
-            return;
-        }
-        if self.current.as_ref().map(|(s, _)| *s) != Some(p.stage) {
-            self.finish();
-            let bar = ProgressBar::new(p.total as u64);
-            let label = match p.stage {
-                Stage::Prior => "prior  ",
-                Stage::Decoder => "decoder",
-            };
-            bar.set_style(
-                ProgressStyle::with_template(&format!(
-                    "{label} {{bar:30}} {{pos}}/{{len}} [{{elapsed}}, {{per_sec}}]"
-                ))
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            self.current = Some((p.stage, bar));
-        }
-        if let Some((_, bar)) = &self.current {
-            bar.set_position(p.step as u64);
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some((_, bar)) = self.current.take() {
-            bar.finish();
-        }
-    }
 }

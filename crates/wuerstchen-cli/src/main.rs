@@ -12,6 +12,7 @@ use wuerstchen::pipeline::GenerationParams;
 
 mod bench;
 mod generate;
+mod progress;
 mod train;
 
 #[derive(Parser)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
-use common::{bin, fixtures, scratch, stdout_of};
+use common::{bin, fixtures, scratch};
 
 fn forward(component: &str, model: &Path, inputs: &Path, output: &Path) -> Output {
     bin()
@@ -172,19 +172,25 @@ fn bad_inputs_fail_cleanly() {
 
 #[test]
 fn bench_prints_the_json_contract() {
-    let stdout = stdout_of(
-        bin()
-            .args([
-                "bench",
-                "--component",
-                "vqgan-decode",
-                "--width",
-                "128",
-                "--height",
-                "128",
-            ])
-            .args(["--runs", "2", "--warmup", "0", "--threads", "1", "--json"]),
+    let args = [
+        "bench",
+        "--component",
+        "vqgan-decode",
+        "--width",
+        "128",
+        "--height",
+        "128",
+    ];
+    let runs = ["--runs", "2", "--warmup", "0", "--threads", "1", "--json"];
+    let loud = bin().args(args).args(runs).output().unwrap();
+    let stderr = String::from_utf8_lossy(&loud.stderr);
+    assert!(loud.status.success(), "{stderr}");
+    // progress on stderr: the component, then each timed run's seconds
+    assert!(
+        stderr.contains("vqgan-decode: building") && stderr.matches(" s\n").count() == 2,
+        "{stderr}"
     );
+    let stdout = String::from_utf8_lossy(&loud.stdout);
     let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let row = &rows.as_array().unwrap()[0];
     for key in [
@@ -213,6 +219,15 @@ fn bench_prints_the_json_contract() {
         row["max_s"].as_f64().unwrap(),
     );
     assert!(0.0 < min && min <= med && med <= max, "{row}");
+
+    // --quiet: nothing on stderr, the same JSON on stdout
+    let quiet = bin().args(args).args(runs).arg("--quiet").output().unwrap();
+    assert!(
+        quiet.status.success() && quiet.stderr.is_empty(),
+        "{quiet:?}"
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&quiet.stdout).unwrap();
+    assert_eq!(rows[0]["component"], "vqgan-decode");
 
     let bad = bin()
         .args(["bench", "--component", "vae", "--width", "100"])

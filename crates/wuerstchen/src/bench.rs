@@ -19,7 +19,7 @@ use crate::flops;
 use crate::kernels::linear_kind::{self, activation_dtype};
 use crate::noise::NoiseSource;
 use crate::pipeline::{
-    self, denoise, DecoderPipelineConfig, GenerationParams, PriorPipelineConfig, Stage,
+    self, denoise, DecoderPipelineConfig, GenerationParams, PriorPipelineConfig, Progress, Stage,
     SIZE_MULTIPLE,
 };
 use crate::scheduler::{default_stage_c_timesteps, DdpmWuerstchenScheduler};
@@ -253,8 +253,9 @@ fn randn(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         .to_dtype(dtype)?)
 }
 
-/// A built component and one call of it.
-type Call = Box<dyn Fn() -> Result<Tensor>>;
+/// A built component and one call of it, which reports its denoising steps (the
+/// pipeline's; a single forward pass has none).
+type Call = Box<dyn Fn(&mut dyn FnMut(Progress)) -> Result<Tensor>>;
 
 fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usize, Call)> {
     let ((ph, pw), (dh, dw)) = latent_sizes(spec)?;
@@ -267,7 +268,7 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
             let x = randn(&[2, cfg.c_in, ph, pw], dt, device)?;
             let text = randn(&[2, 77, cfg.c_cond], dt, device)?;
             let r = r(2)?;
-            (2, Box::new(move || Ok(model.forward(&x, &r, &text)?)))
+            (2, Box::new(move |_| Ok(model.forward(&x, &r, &text)?)))
         }
         Component::Decoder => {
             let cfg = DiffNeXtConfig::official();
@@ -278,14 +279,14 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
             let r = r(1)?;
             (
                 1,
-                Box::new(move || Ok(model.forward(&x, &r, &effnet, &clip)?)),
+                Box::new(move |_| Ok(model.forward(&x, &r, &effnet, &clip)?)),
             )
         }
         Component::VqganDecode => {
             let cfg = PaellaVQConfig::official();
             let model = random_vqgan(wt, device)?;
             let x = randn(&[1, cfg.latent_channels, dh, dw], dt, device)?;
-            (1, Box::new(move || Ok(model.decode(&x, false)?)))
+            (1, Box::new(move |_| Ok(model.decode(&x, false)?)))
         }
         Component::PriorTextEncoder | Component::DecoderTextEncoder => {
             let (cfg, batch) = if component == Component::PriorTextEncoder {
@@ -296,7 +297,7 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
             // the pipelines run the text encoders in f32 whatever the dtype
             let model = random_model(DType::F32, device, |vb| ClipTextModel::new(&cfg, vb))?;
             let (ids, mask) = prompt_ids(batch, device)?;
-            (batch, Box::new(move || Ok(model.forward(&ids, &mask)?)))
+            (batch, Box::new(move |_| Ok(model.forward(&ids, &mask)?)))
         }
         Component::Pipeline => {
             let spec = spec.clone();
@@ -307,7 +308,7 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
             };
             (
                 1,
-                Box::new(move || pipeline(&spec, &device, resident.as_ref())),
+                Box::new(move |on_step| pipeline(&spec, &device, resident.as_ref(), on_step)),
             )
         }
     })
@@ -351,13 +352,18 @@ fn model<M: Clone>(
 
 /// The default recipe with random weights: what `generate` does (its sampling loop),
 /// minus reading files and the tokenizer.
-fn pipeline(spec: &BenchSpec, device: &Device, resident: Option<&Resident>) -> Result<Tensor> {
+fn pipeline(
+    spec: &BenchSpec,
+    device: &Device,
+    resident: Option<&Resident>,
+    on_step: &mut dyn FnMut(Progress),
+) -> Result<Tensor> {
     let ((ph, pw), (dh, dw)) = latent_sizes(spec)?;
     let (wt, dt) = (spec.dtype, activation_dtype(spec.dtype, device));
     let text = |component, resident: Option<&Call>| -> Result<Tensor> {
         let out = match resident {
-            Some(call) => call()?,
-            None => build(component, spec, device)?.1()?,
+            Some(call) => call(&mut |_| {})?,
+            None => build(component, spec, device)?.1(&mut |_| {})?,
         };
         Ok(out.to_dtype(dt)?)
     };
@@ -374,7 +380,7 @@ fn pipeline(spec: &BenchSpec, device: &Device, resident: Option<&Resident>) -> R
                 dt,
                 device,
                 &mut noise,
-                &mut |_| {},
+                &mut *on_step,
                 &|| false,
                 model,
             )
@@ -424,13 +430,23 @@ fn dtype_name(dt: DType) -> &'static str {
     }
 }
 
+/// What [`bench`] reports as it goes.
+#[derive(Debug, Clone, Copy)]
+pub enum BenchEvent {
+    /// A step of the pipeline's denoising loops, in a warm-up or a timed call (single
+    /// forward passes have no steps).
+    Step(Progress),
+    /// A timed call took this many seconds.
+    Timed(f64),
+}
+
 /// Times one component: builds it, runs `warmup` untimed calls and `runs` timed
-/// ones; `on_run` hears each timed call's seconds.
+/// ones, telling `on_event` of each step and each timed call.
 pub fn bench(
     component: Component,
     spec: &BenchSpec,
     device: &Device,
-    on_run: &mut dyn FnMut(f64),
+    on_event: &mut dyn FnMut(BenchEvent),
 ) -> Result<BenchResult> {
     if spec.runs == 0 {
         return Err(Error::InvalidParameter("--runs must be at least 1".into()));
@@ -438,17 +454,20 @@ pub fn bench(
     reset_peak_rss();
     let (batch, call) = build(component, spec, device)?;
     for _ in 0..spec.warmup {
-        call()?;
+        call(&mut |p| on_event(BenchEvent::Step(p)))?;
     }
     let mut times = Vec::with_capacity(spec.runs);
     let mut gflop = 0.0;
     for _ in 0..spec.runs {
         let started = Instant::now();
-        let (out, n) = flops::counted(|| call().and_then(|t| Ok(t.device().synchronize()?)));
+        let (out, n) = flops::counted(|| {
+            call(&mut |p| on_event(BenchEvent::Step(p)))
+                .and_then(|t| Ok(t.device().synchronize()?))
+        });
         out?;
         let secs = started.elapsed().as_secs_f64();
         gflop = n as f64 / 1e9;
-        on_run(secs);
+        on_event(BenchEvent::Timed(secs));
         times.push(secs);
     }
     times.sort_by(f64::total_cmp);
@@ -536,16 +555,30 @@ mod tests {
         .unwrap();
         assert_eq!((small.batch, small.component.as_str()), (1, "vqgan-decode"));
         assert!(small.median_s > 0.0 && small.peak_rss_mib > 0.0);
+        let mut events = Vec::new();
         let wide = bench(
             Component::VqganDecode,
             &BenchSpec {
                 width: 256,
+                runs: 3,
+                warmup: 1,
                 ..spec(128)
             },
             &Device::Cpu,
-            &mut |_| {},
+            &mut |e| events.push(e),
         )
         .unwrap();
+        // a timed call reported per run (not the warm-up), and no steps: one forward
+        // pass
+        let timed: Vec<f64> = events
+            .iter()
+            .map(|e| match e {
+                BenchEvent::Timed(s) => *s,
+                BenchEvent::Step(p) => panic!("a step {p:?} in a single decode"),
+            })
+            .collect();
+        assert_eq!(timed.len(), 3);
+        assert!(timed.contains(&wide.min_s) && timed.contains(&wide.max_s));
         // 8 x 8 / 42.67 rounds 128 px to 3 prior cells (32 decoder cells), 256 px to 6
         // (64): exactly twice the work
         assert!(
