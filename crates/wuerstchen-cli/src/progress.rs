@@ -40,11 +40,21 @@ impl StageBars {
         if let Some((_, bar)) = &self.current {
             bar.set_position(p.step as u64);
         }
+        // done at its last step: its time and it/s stay the stage's own, not the
+        // loading of the next stage's model
+        if p.step >= p.total {
+            self.finish();
+        }
     }
 
     pub fn finish(&mut self) {
         if let Some((_, bar)) = self.current.take() {
             bar.finish();
+            // indicatif leaves the cursor on the finished bar's line, where the next
+            // bar would draw over it (or the next message run on from it)
+            if !bar.is_hidden() {
+                eprintln!();
+            }
         }
     }
 }
