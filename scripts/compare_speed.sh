@@ -57,17 +57,18 @@ for n in range(1, rounds + 1):
     ours, ref = load("ours", n), load("reference", n)
     pairs.append({name: (o, ref[name]) for name, o in ours.items() if name in ref})
 
-if rounds == 1:
+def table(round_pairs):
     print(header)
-    for name, (o, r) in pairs[0].items():
+    for name, (o, r) in round_pairs.items():
         print(row(name, o, r))
+
+if rounds == 1:
+    table(pairs[0])
     sys.exit()
 
 for n, round_pairs in enumerate(pairs, 1):
     print(f"round {n}")
-    print(header)
-    for name, (o, r) in round_pairs.items():
-        print(row(name, o, r))
+    table(round_pairs)
     print()
 
 # per component the round whose time ratio is the median one (the lower of the middle
@@ -75,8 +76,9 @@ for n, round_pairs in enumerate(pairs, 1):
 print(f"median round of {rounds} by time ratio, and the range of that ratio over the rounds")
 print(header + f" {'range':>13}")
 for name in pairs[0]:
-    rounds_of = sorted((o["median_s"] / r["median_s"], o, r) for o, r in
-                       (p[name] for p in pairs if name in p))
+    # by the ratio alone: on a tie, comparing the rows (dicts) would raise
+    rounds_of = sorted(((o["median_s"] / r["median_s"], o, r) for o, r in
+                        (p[name] for p in pairs if name in p)), key=lambda t: t[0])
     ratio, o, r = rounds_of[(len(rounds_of) - 1) // 2]
     lo, hi = rounds_of[0][0], rounds_of[-1][0]
     print(row(name, o, r) + f" {lo:5.2f}-{hi:.2f}x")
