@@ -76,18 +76,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 spec.warmup
             );
         }
-        // the pipeline's calls take minutes: a bar per denoising stage
+        // the pipeline's calls take minutes: a bar per denoising stage (each done at
+        // its last step, before the call's time is printed)
         let mut bars = StageBars::new(a.quiet);
         let row = bench(c, &spec, &device, &mut |e| match e {
             BenchEvent::Step(p) => bars.update(p),
-            BenchEvent::Timed(s) => {
-                bars.finish();
-                if !a.quiet {
-                    eprintln!("  {s:.3} s");
-                }
-            }
+            BenchEvent::Timed(s) if !a.quiet => eprintln!("  {s:.3} s"),
+            BenchEvent::Timed(_) => {}
         })?;
-        bars.finish();
         rows.push(row);
     }
     if a.json {

@@ -55,7 +55,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let mut bar = StageBars::new(args.quiet);
     let images = pipeline.generate(&params, &mut noise, &mut |p| bar.update(p), &|| false)?;
-    bar.finish();
 
     let text = params.parameters_text(seed, &pipeline.model_name());
     for (image, path) in images.iter().zip(&outputs) {

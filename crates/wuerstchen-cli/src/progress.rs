@@ -4,7 +4,8 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use wuerstchen::pipeline::{Progress, Stage};
 
-/// One progress bar per denoising stage, with it/s.
+/// One progress bar per denoising stage, with it/s; each is done at its stage's last
+/// step.
 pub struct StageBars {
     quiet: bool,
     current: Option<(Stage, ProgressBar)>,
@@ -47,7 +48,7 @@ impl StageBars {
         }
     }
 
-    pub fn finish(&mut self) {
+    fn finish(&mut self) {
         if let Some((_, bar)) = self.current.take() {
             bar.finish();
             // indicatif leaves the cursor on the finished bar's line, where the next
