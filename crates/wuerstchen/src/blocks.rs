@@ -160,8 +160,18 @@ pub struct ChannelMlp {
 
 impl ChannelMlp {
     pub fn new(c_in: usize, c_hidden: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
+        Self::with_fc1(
+            flops::linear(c_in, c_hidden, vb.pp("0"))?,
+            c_hidden,
+            c_out,
+            vb,
+        )
+    }
+
+    /// With the first layer built by the caller (from its weights at `vb.pp("0")`).
+    pub fn with_fc1(fc1: Linear, c_hidden: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: flops::linear(c_in, c_hidden, vb.pp("0"))?,
+            fc1,
             grn: GlobalResponseNorm::new(c_hidden, vb.pp("2"))?,
             fc2: flops::linear(c_hidden, c_out, vb.pp("4"))?,
         })

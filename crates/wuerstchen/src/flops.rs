@@ -55,19 +55,19 @@ pub enum Linear {
 }
 
 pub fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
-    let tensors = |vb: VarBuilder| -> Result<(Tensor, Tensor)> {
-        Ok((vb.get((c_out, c_in), "weight")?, vb.get(c_out, "bias")?))
-    };
+    match linear_kind::building() {
+        // with candle's initialisation where a model is trained from scratch
+        LinearKind::Candle => Ok(Linear::F32(candle_nn::linear(c_in, c_out, vb)?)),
+        _ => linear_from(vb.get((c_out, c_in), "weight")?, vb.get(c_out, "bias")?),
+    }
+}
+
+/// The layer of the kind being built from its weight (out, in) and bias (out).
+pub fn linear_from(weight: Tensor, bias: Tensor) -> Result<Linear> {
     Ok(match linear_kind::building() {
-        LinearKind::Candle => Linear::F32(candle_nn::linear(c_in, c_out, vb)?),
-        LinearKind::PackedF32 => {
-            let (weight, bias) = tensors(vb)?;
-            Linear::Packed(PackedLinear::new(&weight, Some(&bias))?)
-        }
-        LinearKind::Bf16 => {
-            let (weight, bias) = tensors(vb)?;
-            Linear::Bf16(Bf16Linear::new(&weight, Some(bias))?)
-        }
+        LinearKind::Candle => Linear::F32(candle_nn::Linear::new(weight, Some(bias))),
+        LinearKind::PackedF32 => Linear::Packed(PackedLinear::new(&weight, Some(&bias))?),
+        LinearKind::Bf16 => Linear::Bf16(Bf16Linear::new(&weight, Some(bias))?),
     })
 }
 

@@ -4,7 +4,7 @@
 //! text embeddings (through attention) and on Stage C's semantic latent ("effnet"),
 //! which is resized to every level's resolution and joined to the ResBlocks' skips.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
 use crate::blocks::{
@@ -15,6 +15,7 @@ use crate::config::DiffNeXtConfig;
 use crate::depthwise::DepthwiseConv2d;
 use crate::flops::{self, Conv2d, ConvTranspose2d, Linear};
 use crate::kernels;
+use crate::kernels::linear_kind;
 use crate::resize::resize_bicubic_aa;
 
 /// `ResBlockStageB`: unlike Stage C's ResBlock the skip joins after the depthwise conv,
@@ -30,6 +31,39 @@ impl ResBlockStageB {
         Ok(Self {
             depthwise: depthwise(c, c, kernel_size, vb.pp("depthwise"))?,
             channelwise: ChannelMlp::new(c + c_skip, c * 4, c, vb.pp("channelwise"))?,
+        })
+    }
+
+    /// The block with its level's effnet mapper folded into the first channelwise
+    /// layer, for inference: the last `c_cond` of its `c_skip` inputs are the mapper's
+    /// outputs `M e + m`, and a linear layer of a linear map is one linear map, so the
+    /// layer takes the resized latent `e` itself (`effnet_embd` = 16 channels) with
+    /// weight `W_e M` and bias `b + W_e m`. At 1024 px that is a sixth of the
+    /// decoder's work (its injected levels' first layers read 1024 mapped channels
+    /// beside 640 or 1280 of their own) done once, at load time, in f64.
+    fn folded(
+        c: usize,
+        c_skip: usize,
+        kernel_size: usize,
+        mapper: &MapperWeights,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let vbc = vb.pp("channelwise");
+        let (c_in, c_hidden) = (c + c_skip, c * 4);
+        let weight = vbc.pp("0").get((c_hidden, c_in), "weight")?;
+        let bias = vbc.pp("0").get(c_hidden, "bias")?;
+        let kept = c_in - mapper.weight.dim(0)?;
+        // (c_hidden, c_cond): the columns that read the mapper's outputs
+        let w_e = weight.narrow(1, kept, c_in - kept)?.to_dtype(DType::F64)?;
+        let folded = w_e.matmul(&mapper.weight)?.to_dtype(weight.dtype())?;
+        let bias = (bias.to_dtype(DType::F64)? + w_e.matmul(&mapper.bias)?.squeeze(1)?)?;
+        let fc1 = flops::linear_from(
+            Tensor::cat(&[&weight.narrow(1, 0, kept)?, &folded], 1)?,
+            bias.to_dtype(weight.dtype())?,
+        )?;
+        Ok(Self {
+            depthwise: depthwise(c, c, kernel_size, vb.pp("depthwise"))?,
+            channelwise: ChannelMlp::with_fc1(fc1, c_hidden, c, vbc)?,
         })
     }
 
@@ -63,7 +97,26 @@ struct Level<S> {
     blocks: Vec<Block>,
     /// Downsample before the blocks / upsample after them; none on the top level.
     resample: Option<S>,
-    effnet_mapper: Option<Conv2d>,
+    effnet: Effnet,
+}
+
+/// How a level joins Stage C's latent to its ResBlocks' skips.
+#[derive(Debug, Clone)]
+enum Effnet {
+    /// Not at all (`inject_effnet` false).
+    Absent,
+    /// Through its `effnet_mappers` conv (1x1, to `c_cond` channels).
+    Mapped(Conv2d),
+    /// The resized latent itself, the mapper being folded into the blocks
+    /// ([`ResBlockStageB::folded`]).
+    Folded,
+}
+
+/// An effnet mapper's 1x1 conv as matrices in f64, for folding: weight (c_cond,
+/// effnet_embd), bias (c_cond, 1).
+struct MapperWeights {
+    weight: Tensor,
+    bias: Tensor,
 }
 
 #[derive(Debug, Clone)]
@@ -89,11 +142,19 @@ impl WuerstchenDiffNeXt {
         let n = cfg.c_hidden.len();
         let ch = &cfg.c_hidden;
         let p2 = cfg.patch_size * cfg.patch_size;
-        let block = |kind: char, level: usize, c_skip: usize, vb: VarBuilder| -> Result<Block> {
+        let block = |kind: char,
+                     level: usize,
+                     c_skip: usize,
+                     mapper: Option<&MapperWeights>,
+                     vb: VarBuilder|
+         -> Result<Block> {
             let c = ch[level];
-            Ok(match kind {
-                'C' => Block::Res(ResBlockStageB::new(c, c_skip, cfg.kernel_size, vb)?),
-                'T' => Block::Timestep(TimestepBlock::new(c, cfg.c_r, vb)?),
+            Ok(match (kind, mapper) {
+                ('C', Some(m)) => {
+                    Block::Res(ResBlockStageB::folded(c, c_skip, cfg.kernel_size, m, vb)?)
+                }
+                ('C', None) => Block::Res(ResBlockStageB::new(c, c_skip, cfg.kernel_size, vb)?),
+                ('T', _) => Block::Timestep(TimestepBlock::new(c, cfg.c_r, vb)?),
                 _ => Block::Attn(AttnBlock::new(
                     c,
                     cfg.c_cond,
@@ -112,16 +173,28 @@ impl WuerstchenDiffNeXt {
                 cfg.inject_effnet[2 * n - 1 - slot]
             }
         };
-        let mapper = |slot: usize| -> Result<Option<Conv2d>> {
-            inject_at(slot)
-                .then(|| {
-                    conv1x1(
-                        cfg.effnet_embd,
-                        cfg.c_cond,
-                        vb.pp("effnet_mappers").pp(slot),
-                    )
-                })
-                .transpose()
+        // folded into the blocks for inference; a model being trained keeps the conv
+        let fold = linear_kind::inference();
+        let effnet = |slot: usize| -> Result<(Effnet, Option<MapperWeights>)> {
+            let vb = vb.pp("effnet_mappers").pp(slot);
+            Ok(match (inject_at(slot), fold) {
+                (false, _) => (Effnet::Absent, None),
+                (true, false) => (
+                    Effnet::Mapped(conv1x1(cfg.effnet_embd, cfg.c_cond, vb)?),
+                    None,
+                ),
+                (true, true) => {
+                    let (c_cond, embd) = (cfg.c_cond, cfg.effnet_embd);
+                    let weight = vb.get((c_cond, embd, 1, 1), "weight")?;
+                    let bias = vb.get(c_cond, "bias")?;
+                    let f64 = |t: Tensor| t.to_dtype(DType::F64);
+                    let weights = MapperWeights {
+                        weight: f64(weight.reshape((c_cond, embd))?)?,
+                        bias: f64(bias.reshape((c_cond, 1))?)?,
+                    };
+                    (Effnet::Folded, Some(weights))
+                }
+            })
         };
 
         let mut down = Vec::with_capacity(n);
@@ -146,23 +219,25 @@ impl WuerstchenDiffNeXt {
                 None
             };
             let c_skip = if cfg.inject_effnet[i] { cfg.c_cond } else { 0 };
+            let (effnet, mapper) = effnet(i)?;
             let mut blocks = Vec::new();
             for _ in 0..cfg.blocks[i] {
                 for kind in cfg.level_config[i].chars() {
-                    blocks.push(block(kind, i, c_skip, vbl.pp(idx))?);
+                    blocks.push(block(kind, i, c_skip, mapper.as_ref(), vbl.pp(idx))?);
                     idx += 1;
                 }
             }
             down.push(Level {
                 blocks,
                 resample,
-                effnet_mapper: mapper(i)?,
+                effnet,
             });
         }
 
         let mut up = Vec::with_capacity(n);
         for (ui, i) in (0..n).rev().enumerate() {
             let vbl = vb.pp("up_blocks").pp(ui);
+            let (effnet, mapper) = effnet(n + ui)?;
             let mut blocks = Vec::new();
             for j in 0..cfg.blocks[i] {
                 for (k, kind) in cfg.level_config[i].chars().enumerate() {
@@ -174,7 +249,8 @@ impl WuerstchenDiffNeXt {
                     if cfg.inject_effnet[i] {
                         c_skip += cfg.c_cond;
                     }
-                    blocks.push(block(kind, i, c_skip, vbl.pp(blocks.len()))?);
+                    let vbb = vbl.pp(blocks.len());
+                    blocks.push(block(kind, i, c_skip, mapper.as_ref(), vbb)?);
                 }
             }
             let resample = if i > 0 {
@@ -196,7 +272,7 @@ impl WuerstchenDiffNeXt {
             up.push(Level {
                 blocks,
                 resample,
-                effnet_mapper: mapper(n + ui)?,
+                effnet,
             });
         }
 
@@ -237,7 +313,7 @@ impl WuerstchenDiffNeXt {
             if let Some(Downsample(conv)) = &level.resample {
                 h = conv.forward(&channel_layer_norm(&h)?)?;
             }
-            let effnet_c = self.effnet_at(level.effnet_mapper.as_ref(), effnet, &h)?;
+            let effnet_c = self.effnet_at(&level.effnet, effnet, &h)?;
             for block in &level.blocks {
                 h = self.run_block(block, &h, effnet_c.as_ref(), &r_embed, &clip)?;
             }
@@ -247,7 +323,7 @@ impl WuerstchenDiffNeXt {
         // _up_decode
         let mut h = levels[0].clone();
         for (i, level) in self.up.iter().enumerate() {
-            let effnet_c = self.effnet_at(level.effnet_mapper.as_ref(), effnet, &h)?;
+            let effnet_c = self.effnet_at(&level.effnet, effnet, &h)?;
             for (j, block) in level.blocks.iter().enumerate() {
                 let skip = match (j == 0 && i > 0, &effnet_c) {
                     (true, Some(e)) => Some(Tensor::cat(&[&levels[i], e], 1)?),
@@ -271,18 +347,16 @@ impl WuerstchenDiffNeXt {
     }
 
     /// The effnet latents resized to this level (bicubic, antialiased, in f32) and
-    /// mapped to c_cond channels; None where the level has no injection.
-    fn effnet_at(
-        &self,
-        mapper: Option<&Conv2d>,
-        effnet: &Tensor,
-        h: &Tensor,
-    ) -> Result<Option<Tensor>> {
-        let Some(mapper) = mapper else {
-            return Ok(None);
-        };
+    /// mapped to c_cond channels unless the blocks fold the mapper; None where the
+    /// level has no injection.
+    fn effnet_at(&self, how: &Effnet, effnet: &Tensor, h: &Tensor) -> Result<Option<Tensor>> {
         let (_, _, hh, ww) = h.dims4()?;
-        Ok(Some(mapper.forward(&resize_bicubic_aa(effnet, hh, ww)?)?))
+        let resized = || resize_bicubic_aa(effnet, hh, ww);
+        Ok(match how {
+            Effnet::Absent => None,
+            Effnet::Mapped(mapper) => Some(mapper.forward(&resized()?)?),
+            Effnet::Folded => Some(resized()?),
+        })
     }
 
     fn run_block(

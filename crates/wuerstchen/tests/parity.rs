@@ -3,10 +3,14 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
 use common::{assert_parity, fixture_component, fixtures, load};
+use wuerstchen::config::DiffNeXtConfig;
+use wuerstchen::flops;
 use wuerstchen::forward::{run_forward, Component};
 use wuerstchen::resize::resize_bicubic_aa;
 use wuerstchen::stage_a::PaellaVQModel;
+use wuerstchen::stage_b::WuerstchenDiffNeXt;
 use wuerstchen::weights::FromFolder;
 
 /// Runs every fixture of one component kind; returns how many ran.
@@ -49,6 +53,46 @@ fn prior_matches_diffusers() {
 #[test]
 fn decoder_matches_diffusers() {
     assert!(run_component(Component::Decoder) >= 3);
+}
+
+/// Loaded for inference, the decoder folds each level's effnet mapper into its
+/// ResBlocks' first layers (a sixth less work at 1024 px); built as a training run
+/// builds it, it keeps the mappers, whose weights then train. Both give diffusers'
+/// output, and the folded one does less work.
+#[test]
+fn decoder_folds_its_effnet_mappers_only_for_inference() {
+    for case in ["decoder_a", "decoder_b", "decoder_c"] {
+        let dir = fixtures().join(case);
+        let inputs = load(&dir.join("inputs.safetensors"));
+        let expected = &load(&dir.join("expected.safetensors"))["output"];
+        let (folded, folded_flops) = flops::counted(|| {
+            run_forward(
+                Component::Decoder,
+                &dir.join("model"),
+                &inputs,
+                &Device::Cpu,
+                DType::F32,
+            )
+        });
+        let config = std::fs::read_to_string(dir.join("model/config.json")).unwrap();
+        let config: DiffNeXtConfig = serde_json::from_str(&config).unwrap();
+        let weights = dir.join("model/diffusion_pytorch_model.safetensors");
+        // SAFETY: the fixture is not modified while the test maps it
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) };
+        let model = WuerstchenDiffNeXt::new(&config, vb.unwrap()).unwrap();
+        let input = |name: &str| &inputs[name];
+        let (unfolded, unfolded_flops) = flops::counted(|| {
+            model.forward(input("x"), input("r"), input("effnet"), input("clip"))
+        });
+        assert_parity(&format!("{case} unfolded"), &unfolded.unwrap(), expected);
+        assert_parity(&format!("{case} folded"), &folded.unwrap(), expected);
+        println!("{case}: {folded_flops} FLOPs folded, {unfolded_flops} unfolded");
+        assert!(
+            folded_flops < unfolded_flops,
+            "{case}: folding saved no work"
+        );
+    }
 }
 
 #[test]

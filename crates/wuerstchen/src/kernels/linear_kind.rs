@@ -23,6 +23,7 @@ pub enum LinearKind {
 
 thread_local! {
     static KIND: Cell<LinearKind> = const { Cell::new(LinearKind::Candle) };
+    static INFERENCE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `build` (a model constructor) so that the linear layers it creates are of
@@ -38,6 +39,14 @@ pub fn with_linears<T>(kind: LinearKind, build: impl FnOnce() -> T) -> T {
 /// The kind of linear layer to build now.
 pub fn building() -> LinearKind {
     KIND.with(Cell::get)
+}
+
+/// Whether the model being built is for inference only ([`build_model`]): then a
+/// layer may fold constant work into its weights (a product of two weights computed
+/// once), which a model being trained must not: its weights change every step, and
+/// the gradients must reach each of them.
+pub fn inference() -> bool {
+    INFERENCE.with(Cell::get)
 }
 
 /// Builds a model (`build`) for inference over the weights of `backend`, asked for in
@@ -58,7 +67,10 @@ pub fn build_model<'a, T>(
         LinearKind::Candle
     };
     let vb = VarBuilder::from_backend(backend, activation_dtype(dtype, device), device.clone());
-    with_linears(kind, || build(vb))
+    let before = INFERENCE.with(|f| f.replace(true));
+    let out = with_linears(kind, || build(vb));
+    INFERENCE.with(|f| f.set(before));
+    out
 }
 
 /// Whether models asked for in `dtype` on `device` are built as bf16 linear layers on
