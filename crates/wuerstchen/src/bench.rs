@@ -388,6 +388,7 @@ fn pipeline(
     // batch 2: the prompt's and the negative prompt's embeddings, as guidance needs
     let prior_text = text(Component::PriorTextEncoder, resident.map(|r| &r.prior_text))?;
     let prior = model(resident.map(|r| &r.prior), || random_prior(wt, device))?;
+    let prior_text = prior.condition(&prior_text)?;
     let mut sched = DdpmWuerstchenScheduler::new(Default::default());
     sched.set_timesteps(default_stage_c_timesteps());
     let latents = sample(
@@ -395,7 +396,7 @@ fn pipeline(
         &sched,
         &[1, 16, ph, pw],
         d.prior_guidance,
-        &|x, r| prior.forward(x, r, &prior_text),
+        &|x, r| prior.forward_conditioned(x, r, &prior_text),
     )?;
     drop(prior);
     let pc = PriorPipelineConfig::default();
@@ -407,13 +408,14 @@ fn pipeline(
         resident.map(|r| &r.decoder_text),
     )?;
     let decoder = model(resident.map(|r| &r.decoder), || random_decoder(wt, device))?;
+    let clip = decoder.condition(&clip)?;
     sched.set_steps(d.decoder_steps);
     let latents = sample(
         Stage::Decoder,
         &sched,
         &[1, 4, dh, dw],
         d.decoder_guidance,
-        &|x, r| decoder.forward(x, r, &effnet, &clip),
+        &|x, r| decoder.forward_conditioned(x, r, &effnet, &clip),
     )?;
     drop(decoder);
     let cfg = PaellaVQConfig::official();

@@ -585,6 +585,7 @@ impl WuerstchenPipeline {
             .encode_text(&self.prior_dir, &self.loaded.prior_text, params, prior_cfg)?
             .to_dtype(act)?;
         let prior = self.prior()?;
+        let text = prior.condition(&text)?;
         let mut sched = self.scheduler(&self.prior_dir)?;
         match params.prior_steps {
             Some(n) => sched.set_steps(n),
@@ -601,7 +602,7 @@ impl WuerstchenPipeline {
             noise,
             progress,
             cancel,
-            |x, r| prior.forward(x, r, &text),
+            |x, r| prior.forward_conditioned(x, r, &text),
         )?;
         drop(prior);
         crate::memory::release_free_memory();
@@ -665,14 +666,14 @@ impl WuerstchenPipeline {
         let x0_norm = x0.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         // as in `generate`: bf16 on the CPU keeps f32 activations
         let act = crate::kernels::linear_kind::activation_dtype(self.dtype, &self.device);
-        let text = text.to_dtype(act)?;
+        let text = prior.condition(&text.to_dtype(act)?)?;
         let mut errors = Vec::with_capacity(ts.len());
         for &t in ts {
             let noise = rng.randn(x0.dims(), &self.device)?;
             let noisy = sched.add_noise(&x0, &noise, &vec![t; b])?;
             let r = Tensor::full(t, 2 * b, &self.device)?;
             let x = Tensor::cat(&[&noisy, &noisy], 0)?;
-            let eps = prior.forward(&x.to_dtype(act)?, &r.to_dtype(act)?, &text)?;
+            let eps = prior.forward_conditioned(&x.to_dtype(act)?, &r.to_dtype(act)?, &text)?;
             let estimate = sched.estimate_x0(&eps.to_dtype(DType::F32)?, t, &x)?;
             let err = |half: usize| -> Result<f64> {
                 let e = (estimate.narrow(0, half * b, b)? - &x0)?;
@@ -728,6 +729,7 @@ impl WuerstchenPipeline {
         }
         .to_dtype(act)?;
         let decoder = self.decoder()?;
+        let clip = decoder.condition(&clip)?;
         let mut sched = self.scheduler(&self.decoder_dir)?;
         sched.set_steps(params.decoder_steps);
         let shape = self.decoder_shape(b, &sizes);
@@ -741,7 +743,7 @@ impl WuerstchenPipeline {
             noise,
             progress,
             cancel,
-            |x, r| decoder.forward(x, r, &effnet, &clip),
+            |x, r| decoder.forward_conditioned(x, r, &effnet, &clip),
         )?;
         drop(decoder);
         crate::memory::release_free_memory();

@@ -9,7 +9,7 @@ use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
 use crate::blocks::{
     channel_layer_norm, conv1x1, conv2d, depthwise, r_embedding, AttnBlock, ChannelMlp,
-    TimestepBlock,
+    Conditioning, TimestepBlock,
 };
 use crate::config::DiffNeXtConfig;
 use crate::depthwise::DepthwiseConv2d;
@@ -118,6 +118,10 @@ struct MapperWeights {
     weight: Tensor,
     bias: Tensor,
 }
+
+/// The text conditioning of a [`WuerstchenDiffNeXt`], one entry per AttnBlock.
+#[derive(Debug, Clone)]
+pub struct DecoderConditioning(Vec<Conditioning>);
 
 #[derive(Debug, Clone)]
 pub struct WuerstchenDiffNeXt {
@@ -298,9 +302,46 @@ impl WuerstchenDiffNeXt {
         effnet: &Tensor,
         clip: &Tensor,
     ) -> Result<Tensor> {
-        let r_embed = r_embedding(r, self.c_r)?.to_dtype(x.dtype())?;
+        self.forward_conditioned(x, r, effnet, &self.condition(clip)?)
+    }
+
+    /// What every step of a sampler shares: the keys and values that each AttnBlock
+    /// makes of the text embeddings clip (B, L, clip_embd), in the blocks' order.
+    pub fn condition(&self, clip: &Tensor) -> Result<DecoderConditioning> {
         // gen_c_embeddings: clip_mapper then a LayerNorm without affine
         let clip = kernels::layer_norm::layer_norm(&self.clip_mapper.forward(clip)?, 1e-6)?;
+        let attention = self.attention_blocks().map(|b| b.condition(&clip));
+        Ok(DecoderConditioning(attention.collect::<Result<_>>()?))
+    }
+
+    /// The AttnBlocks in the order the forward pass runs them.
+    fn attention_blocks(&self) -> impl Iterator<Item = &AttnBlock> {
+        let down = self.down.iter().flat_map(|level| &level.blocks);
+        let blocks = down.chain(self.up.iter().flat_map(|level| &level.blocks));
+        blocks.filter_map(|block| match block {
+            Block::Attn(b) => Some(b),
+            _ => None,
+        })
+    }
+
+    /// [`forward`](Self::forward) with the text as [`condition`](Self::condition)
+    /// made it.
+    pub fn forward_conditioned(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        effnet: &Tensor,
+        cond: &DecoderConditioning,
+    ) -> Result<Tensor> {
+        let blocks = self.attention_blocks().count();
+        if cond.0.len() != blocks {
+            candle_core::bail!(
+                "conditioning for {} attention blocks given to a decoder of {blocks}",
+                cond.0.len()
+            )
+        }
+        let r_embed = r_embedding(r, self.c_r)?.to_dtype(x.dtype())?;
+        let clip = &mut cond.0.iter();
 
         let x_in = x;
         let h = candle_nn::ops::pixel_unshuffle(x, self.patch_size)?;
@@ -315,7 +356,7 @@ impl WuerstchenDiffNeXt {
             }
             let effnet_c = self.effnet_at(&level.effnet, effnet, &h)?;
             for block in &level.blocks {
-                h = self.run_block(block, &h, effnet_c.as_ref(), &r_embed, &clip)?;
+                h = self.run_block(block, &h, effnet_c.as_ref(), &r_embed, clip)?;
             }
             levels.insert(0, h.clone());
         }
@@ -330,7 +371,7 @@ impl WuerstchenDiffNeXt {
                     (true, None) => Some(levels[i].clone()),
                     (false, e) => e.clone(),
                 };
-                h = self.run_block(block, &h, skip.as_ref(), &r_embed, &clip)?;
+                h = self.run_block(block, &h, skip.as_ref(), &r_embed, clip)?;
             }
             if let Some(Upsample(conv)) = &level.resample {
                 h = conv.forward(&channel_layer_norm(&h)?)?;
@@ -365,12 +406,16 @@ impl WuerstchenDiffNeXt {
         x: &Tensor,
         skip: Option<&Tensor>,
         r_embed: &Tensor,
-        clip: &Tensor,
+        clip: &mut std::slice::Iter<Conditioning>,
     ) -> Result<Tensor> {
         match block {
             Block::Res(b) => b.forward(x, skip),
             Block::Timestep(b) => b.forward(x, r_embed),
-            Block::Attn(b) => b.forward(x, clip),
+            // as many as the blocks: checked by forward_conditioned
+            Block::Attn(b) => match clip.next() {
+                Some(cond) => b.forward_conditioned(x, cond),
+                None => candle_core::bail!("no conditioning left for an attention block"),
+            },
         }
     }
 }

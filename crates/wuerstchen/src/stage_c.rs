@@ -3,7 +3,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::blocks::{channel_layer_norm, conv1x1, r_embedding, AttnBlock, ResBlock, TimestepBlock};
+use crate::blocks::{
+    channel_layer_norm, conv1x1, r_embedding, AttnBlock, Conditioning, ResBlock, TimestepBlock,
+};
 use crate::config::PriorConfig;
 use crate::flops::{self, Conv2d, Linear};
 
@@ -14,6 +16,10 @@ struct PriorLayer {
     timestep: TimestepBlock,
     attn: AttnBlock,
 }
+
+/// The text conditioning of a [`WuerstchenPrior`], one entry per layer.
+#[derive(Debug, Clone)]
+pub struct PriorConditioning(Vec<Conditioning>);
 
 #[derive(Debug, Clone)]
 pub struct WuerstchenPrior {
@@ -60,16 +66,45 @@ impl WuerstchenPrior {
     /// x (B, c_in, h, w) noisy latents, r (B) noise level in [0, 1],
     /// c (B, L, c_cond) text embeddings -> predicted noise (B, c_in, h, w).
     pub fn forward(&self, x: &Tensor, r: &Tensor, c: &Tensor) -> Result<Tensor> {
-        let x_in = x;
-        let mut x = self.projection.forward(x)?;
+        self.forward_conditioned(x, r, &self.condition(c)?)
+    }
+
+    /// What every step of a sampler shares: the keys and values that each AttnBlock
+    /// makes of the text embeddings c (B, L, c_cond), through the cond_mapper.
+    pub fn condition(&self, c: &Tensor) -> Result<PriorConditioning> {
         let c_embed = self
             .cond_fc2
             .forward(&leaky_relu(&self.cond_fc1.forward(c)?, 0.2)?)?;
+        let layers = self.layers.iter();
+        Ok(PriorConditioning(
+            layers
+                .map(|layer| layer.attn.condition(&c_embed))
+                .collect::<Result<_>>()?,
+        ))
+    }
+
+    /// [`forward`](Self::forward) with the text as [`condition`](Self::condition)
+    /// made it.
+    pub fn forward_conditioned(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        cond: &PriorConditioning,
+    ) -> Result<Tensor> {
+        if cond.0.len() != self.layers.len() {
+            candle_core::bail!(
+                "conditioning for {} layers given to a prior of {}",
+                cond.0.len(),
+                self.layers.len()
+            )
+        }
+        let x_in = x;
+        let mut x = self.projection.forward(x)?;
         let r_embed = r_embedding(r, self.c_r)?.to_dtype(x.dtype())?;
-        for layer in &self.layers {
+        for (layer, cond) in self.layers.iter().zip(&cond.0) {
             x = layer.res.forward(&x, None)?;
             x = layer.timestep.forward(&x, &r_embed)?;
-            x = layer.attn.forward(&x, &c_embed)?;
+            x = layer.attn.forward_conditioned(&x, cond)?;
         }
         let out = self.out_conv.forward(&channel_layer_norm(&x)?)?;
         let c_in = x_in.dim(1)?;

@@ -95,6 +95,75 @@ fn decoder_folds_its_effnet_mappers_only_for_inference() {
     }
 }
 
+/// A pipeline computes the text's keys and values once and reuses them at every step:
+/// the same output as a whole call at every step, and conditioning made by another
+/// model is an error that says so, not a wrong image.
+#[test]
+fn text_conditioning_made_once_serves_every_step() {
+    use wuerstchen::stage_c::WuerstchenPrior;
+    let dir = fixtures().join("prior_a");
+    let inputs = load(&dir.join("inputs.safetensors"));
+    let (prior, _) = WuerstchenPrior::load(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
+    let cond = prior.condition(&inputs["c"]).unwrap();
+    for (x, r) in [
+        (inputs["x"].clone(), inputs["r"].clone()),
+        (
+            (&inputs["x"] * 0.5).unwrap(),
+            (&inputs["r"] * 0.25).unwrap(),
+        ),
+    ] {
+        let whole = prior.forward(&x, &r, &inputs["c"]).unwrap();
+        let reused = prior.forward_conditioned(&x, &r, &cond).unwrap();
+        assert_parity("prior_a, conditioning reused", &reused, &whole);
+    }
+    let other = fixtures().join("prior_b");
+    let (other, _) = WuerstchenPrior::load(&other.join("model"), DType::F32, &Device::Cpu).unwrap();
+    let c_other = load(&fixtures().join("prior_b/inputs.safetensors"))["c"].clone();
+    let err = prior
+        .forward_conditioned(
+            &inputs["x"],
+            &inputs["r"],
+            &other.condition(&c_other).unwrap(),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("conditioning for 3 layers given to a prior of 2"),
+        "{err}"
+    );
+
+    let dir = fixtures().join("decoder_a");
+    let inputs = load(&dir.join("inputs.safetensors"));
+    let (decoder, _) =
+        WuerstchenDiffNeXt::load(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
+    let cond = decoder.condition(&inputs["clip"]).unwrap();
+    let input = |name: &str| &inputs[name];
+    let whole = decoder.forward(input("x"), input("r"), input("effnet"), input("clip"));
+    let reused = decoder.forward_conditioned(input("x"), input("r"), input("effnet"), &cond);
+    assert_parity(
+        "decoder_a, conditioning reused",
+        &reused.unwrap(),
+        &whole.unwrap(),
+    );
+    let other = fixtures().join("decoder_b");
+    let (other, _) =
+        WuerstchenDiffNeXt::load(&other.join("model"), DType::F32, &Device::Cpu).unwrap();
+    let clip_other = load(&fixtures().join("decoder_b/inputs.safetensors"))["clip"].clone();
+    let err = decoder
+        .forward_conditioned(
+            input("x"),
+            input("r"),
+            input("effnet"),
+            &other.condition(&clip_other).unwrap(),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("conditioning for 8 attention blocks given to a decoder of 6"),
+        "{err}"
+    );
+}
+
 #[test]
 fn vqgan_decode_matches_diffusers() {
     assert!(run_component(Component::VqganDecode) >= 2);
