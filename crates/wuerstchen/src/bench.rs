@@ -398,7 +398,10 @@ fn pipeline(
         d.prior_guidance,
         &|x, r| prior.forward_conditioned(x, r, &prior_text),
     )?;
-    drop(prior);
+    // as generate does: the stage's model and text conditioning freed and the heap
+    // given back before the next stage
+    drop((prior, prior_text));
+    crate::memory::release_free_memory();
     let pc = PriorPipelineConfig::default();
     let effnet = latents
         .affine(pc.latent_mean, -pc.latent_std)?
@@ -417,7 +420,8 @@ fn pipeline(
         d.decoder_guidance,
         &|x, r| decoder.forward_conditioned(x, r, &effnet, &clip),
     )?;
-    drop(decoder);
+    drop((decoder, clip));
+    crate::memory::release_free_memory();
     let cfg = PaellaVQConfig::official();
     let vqgan = model(resident.map(|r| &r.vqgan), || random_vqgan(wt, device))?;
     let scaled = (latents * cfg.scale_factor)?.to_dtype(dt)?;

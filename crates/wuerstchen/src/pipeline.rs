@@ -233,7 +233,8 @@ pub enum Stage {
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
     pub stage: Stage,
-    /// 1-based step just finished
+    /// Steps finished: 0 as the stage starts (its model loaded), then 1..=total
+    /// after each.
     pub step: usize,
     pub total: usize,
 }
@@ -562,8 +563,8 @@ impl WuerstchenPipeline {
             .reshape((prompts.len() * b, l, d))?)
     }
 
-    /// Runs the whole pipeline. `progress` is called after every denoising step;
-    /// `cancel` is checked between steps.
+    /// Runs the whole pipeline. `progress` is called as each denoising stage starts
+    /// and after every step; `cancel` is checked between steps.
     pub fn generate(
         &self,
         params: &GenerationParams,
@@ -604,7 +605,9 @@ impl WuerstchenPipeline {
             cancel,
             |x, r| prior.forward_conditioned(x, r, &text),
         )?;
-        drop(prior);
+        // the text's keys and values go with the model: left in the heap among the
+        // freed weights, they would split the room the next stage's tensors reuse
+        drop((prior, text));
         crate::memory::release_free_memory();
         let pc = &self.prior_config;
         let image_embeddings = latents.affine(pc.latent_mean, -pc.latent_std)?;
@@ -745,7 +748,7 @@ impl WuerstchenPipeline {
             cancel,
             |x, r| decoder.forward_conditioned(x, r, &effnet, &clip),
         )?;
-        drop(decoder);
+        drop((decoder, clip));
         crate::memory::release_free_memory();
 
         // ---- Stage A: latents -> pixels
@@ -797,6 +800,12 @@ pub(crate) fn denoise(
     let mut latents = noise.draw(init, shape, device)?;
     let timesteps = sched.timesteps();
     let calls = timesteps.len().saturating_sub(1);
+    // the start, so that a bar's clock and rate count the first step too
+    progress(Progress {
+        stage,
+        step: 0,
+        total: calls,
+    });
     for (i, &t) in timesteps[..calls].iter().enumerate() {
         if cancel() {
             return Err(Error::Canceled);

@@ -17,7 +17,7 @@ use wuerstchen::analysis::{
 use wuerstchen::compressor::SemanticCompressor;
 use wuerstchen::default_model;
 use wuerstchen::noise::{NoiseSource, SeededRng};
-use wuerstchen::pipeline::{GenerationParams, WuerstchenPipeline};
+use wuerstchen::pipeline::{GenerationParams, Stage, WuerstchenPipeline};
 use wuerstchen::weights::FromFolder;
 
 /// The embedded model written out under a scratch root (removed by the caller).
@@ -176,5 +176,32 @@ fn keeping_the_models_loaded_gives_the_same_images() {
     assert_eq!(per_call.loaded_models(), 0);
     // the second call runs on the kept models
     assert_eq!(generate(&kept, 2), generate(&per_call, 2));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Progress comes as each denoising stage starts (step 0, its model loaded) and after
+/// every step, so a bar's clock and rate include the first step.
+#[test]
+fn progress_reports_each_stage_start_and_every_step() {
+    let (root, pipeline) = open_default_model("progress");
+    let params = GenerationParams {
+        prompt: "a red circle on a blue background".into(),
+        ..pipeline.defaults()
+    };
+    let mut seen = Vec::new();
+    pipeline
+        .generate(
+            &params,
+            &mut NoiseSource::seeded(1),
+            &mut |p| seen.push((p.stage, p.step, p.total)),
+            &|| false,
+        )
+        .unwrap();
+    let prior_steps = params.prior_calls();
+    let expected: Vec<_> = (0..=prior_steps)
+        .map(|s| (Stage::Prior, s, prior_steps))
+        .chain((0..=params.decoder_steps).map(|s| (Stage::Decoder, s, params.decoder_steps)))
+        .collect();
+    assert_eq!(seen, expected);
     std::fs::remove_dir_all(&root).unwrap();
 }
