@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use common::{assert_parity, fixture_component, fixtures, load};
@@ -12,6 +14,14 @@ use wuerstchen::resize::resize_bicubic_aa;
 use wuerstchen::stage_a::PaellaVQModel;
 use wuerstchen::stage_b::WuerstchenDiffNeXt;
 use wuerstchen::weights::FromFolder;
+
+/// A fixture's model, loaded as `run_forward` loads it (for inference, f32, on the
+/// CPU), and its inputs.
+fn fixture_model<M: FromFolder>(case: &str) -> (M, HashMap<String, Tensor>) {
+    let dir = fixtures().join(case);
+    let (model, _) = M::load(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
+    (model, load(&dir.join("inputs.safetensors")))
+}
 
 /// Runs every fixture of one component kind; returns how many ran.
 fn run_component(kind: Component) -> usize {
@@ -101,9 +111,7 @@ fn decoder_folds_its_effnet_mappers_only_for_inference() {
 #[test]
 fn text_conditioning_made_once_serves_every_step() {
     use wuerstchen::stage_c::WuerstchenPrior;
-    let dir = fixtures().join("prior_a");
-    let inputs = load(&dir.join("inputs.safetensors"));
-    let (prior, _) = WuerstchenPrior::load(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
+    let (prior, inputs) = fixture_model::<WuerstchenPrior>("prior_a");
     let cond = prior.condition(&inputs["c"]).unwrap();
     for (x, r) in [
         (inputs["x"].clone(), inputs["r"].clone()),
@@ -116,15 +124,10 @@ fn text_conditioning_made_once_serves_every_step() {
         let reused = prior.forward_conditioned(&x, &r, &cond).unwrap();
         assert_parity("prior_a, conditioning reused", &reused, &whole);
     }
-    let other = fixtures().join("prior_b");
-    let (other, _) = WuerstchenPrior::load(&other.join("model"), DType::F32, &Device::Cpu).unwrap();
-    let c_other = load(&fixtures().join("prior_b/inputs.safetensors"))["c"].clone();
+    let (other, other_inputs) = fixture_model::<WuerstchenPrior>("prior_b");
+    let other = other.condition(&other_inputs["c"]).unwrap();
     let err = prior
-        .forward_conditioned(
-            &inputs["x"],
-            &inputs["r"],
-            &other.condition(&c_other).unwrap(),
-        )
+        .forward_conditioned(&inputs["x"], &inputs["r"], &other)
         .unwrap_err();
     assert!(
         err.to_string()
@@ -132,10 +135,7 @@ fn text_conditioning_made_once_serves_every_step() {
         "{err}"
     );
 
-    let dir = fixtures().join("decoder_a");
-    let inputs = load(&dir.join("inputs.safetensors"));
-    let (decoder, _) =
-        WuerstchenDiffNeXt::load(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
+    let (decoder, inputs) = fixture_model::<WuerstchenDiffNeXt>("decoder_a");
     let cond = decoder.condition(&inputs["clip"]).unwrap();
     let input = |name: &str| &inputs[name];
     let whole = decoder.forward(input("x"), input("r"), input("effnet"), input("clip"));
@@ -145,17 +145,10 @@ fn text_conditioning_made_once_serves_every_step() {
         &reused.unwrap(),
         &whole.unwrap(),
     );
-    let other = fixtures().join("decoder_b");
-    let (other, _) =
-        WuerstchenDiffNeXt::load(&other.join("model"), DType::F32, &Device::Cpu).unwrap();
-    let clip_other = load(&fixtures().join("decoder_b/inputs.safetensors"))["clip"].clone();
+    let (other, other_inputs) = fixture_model::<WuerstchenDiffNeXt>("decoder_b");
+    let other = other.condition(&other_inputs["clip"]).unwrap();
     let err = decoder
-        .forward_conditioned(
-            input("x"),
-            input("r"),
-            input("effnet"),
-            &other.condition(&clip_other).unwrap(),
-        )
+        .forward_conditioned(input("x"), input("r"), input("effnet"), &other)
         .unwrap_err();
     assert!(
         err.to_string()
