@@ -103,7 +103,8 @@ def build(component, w, h, dtype, dev):
     rand = lambda *s: torch.randn(*s, generator=g).to(dev, dtype)
     if component == "prior":
         m = prior_model().to(dev, dtype)
-        x, r, c = rand(2, 16, ph, pw), torch.full((2,), 0.5).to(dev, dtype), rand(2, 77, 1280)
+        # guidance's batch, as the pipeline makes it: one latent under the text and under no text
+        x, r, c = rand(1, 16, ph, pw).repeat(2, 1, 1, 1), torch.full((2,), 0.5).to(dev, dtype), rand(2, 77, 1280)
         return 2, lambda: m(x, r, c)
     if component == "decoder":
         m = decoder_model().to(dev, dtype)

@@ -101,6 +101,18 @@ def prior_cases(gen):
         with torch.no_grad():
             y = model(x, r, c)
         save_case(name, "prior", model, dict(x=x, r=r, c=c), y)
+    # classifier-free guidance's batch, as the pipeline makes it: two latents, each
+    # twice at its noise level, under the text and under the empty prompt's embeddings
+    # (a generator of its own, so the other fixtures keep their draws)
+    g = torch.Generator().manual_seed(7)
+    cfg = dict(c_in=16, c=32, c_cond=24, c_r=16, depth=2, nhead=4, dropout=0.0)
+    model = redraw_(WuerstchenPrior(**cfg), g, damp=("out.1",))
+    x = torch.randn(2, cfg["c_in"], 5, 6, generator=g).repeat(2, 1, 1, 1)
+    r = torch.tensor([0.75, 0.3, 0.75, 0.3])
+    c = torch.randn(4, 77, cfg["c_cond"], generator=g)
+    with torch.no_grad():
+        y = model(x, r, c)
+    save_case("prior_guidance", "prior", model, dict(x=x, r=r, c=c), y)
 
 
 # ---------------------------------------------------------------- Stage B decoder

@@ -265,7 +265,8 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
         Component::Prior => {
             let cfg = PriorConfig::official();
             let model = random_prior(wt, device)?;
-            let x = randn(&[2, cfg.c_in, ph, pw], dt, device)?;
+            // guidance's batch: one latent under the text and under no text
+            let x = randn(&[1, cfg.c_in, ph, pw], dt, device)?.repeat((2, 1, 1, 1))?;
             let text = randn(&[2, 77, cfg.c_cond], dt, device)?;
             let r = r(2)?;
             (2, Box::new(move |_| Ok(model.forward(&x, &r, &text)?)))

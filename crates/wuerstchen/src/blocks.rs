@@ -246,11 +246,15 @@ impl Attention {
 
     /// Query tokens q (B, N, C) over keys and values already projected -> (B, N, C).
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let q = self.to_q.forward(q)?;
+        self.attend_projected(&self.to_q.forward(q)?, k, v)
+    }
+
+    /// [`attend`](Self::attend) with the queries projected too.
+    fn attend_projected(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let scale = 1.0 / ((q.dim(2)? / self.heads) as f64).sqrt();
-        flops::add_attention(&q, k)?;
+        flops::add_attention(q, k)?;
         // the heads stay in the projections' columns (no (B, H, N, d) copies)
-        let out = crate::kernels::attention::attention_tokens(&q, k, v, self.heads, scale)?;
+        let out = crate::kernels::attention::attention_tokens(q, k, v, self.heads, scale)?;
         self.to_out.forward(&out)
     }
 }
@@ -294,20 +298,41 @@ impl AttnBlock {
     /// As [`forward`](Self::forward), with the conditioning's keys and values from
     /// [`condition`](Self::condition). Projecting the tokens one by one, keys of the
     /// image tokens joined to the conditioning's equal the keys of the joined tokens.
+    ///
+    /// x's batch may also divide the conditioning's, its images repeating in order
+    /// under the conditionings, as classifier-free guidance batches one latent under
+    /// the text and under no text (`[x; x]`): the image tokens are then normalised and
+    /// projected once, and the output has the conditioning's batch.
     pub fn forward_conditioned(&self, x: &Tensor, cond: &Conditioning) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
+        let (images, _, h, w) = x.dims4()?;
+        let batch = cond.k.dim(0)?;
+        if images == 0 || !batch.is_multiple_of(images) {
+            candle_core::bail!(
+                "attention block: {images} images under a conditioning of batch {batch}"
+            )
+        }
+        let repeat = |t: Tensor| match batch / images {
+            1 => Ok(t),
+            n => t.repeat((n, 1, 1)),
+        };
         // (B, C, H, W) -> (B, H*W, C)
-        let q = to_tokens(&channel_layer_norm(x)?)?;
+        let tokens = to_tokens(&channel_layer_norm(x)?)?;
         let (k, v) = if self.self_attn {
-            let (k, v) = self.attention.keys_values(&q)?;
+            let (k, v) = self.attention.keys_values(&tokens)?;
             (
-                Tensor::cat(&[&k, &cond.k], 1)?,
-                Tensor::cat(&[&v, &cond.v], 1)?,
+                Tensor::cat(&[&repeat(k)?, &cond.k], 1)?,
+                Tensor::cat(&[&repeat(v)?, &cond.v], 1)?,
             )
         } else {
             (cond.k.clone(), cond.v.clone())
         };
-        x + from_tokens(&self.attention.attend(&q, &k, &v)?, h, w)?
+        let q = repeat(self.attention.to_q.forward(&tokens)?)?;
+        let attended = from_tokens(&self.attention.attend_projected(&q, &k, &v)?, h, w)?;
+        if images == batch {
+            x + attended
+        } else {
+            x.repeat((batch / images, 1, 1, 1))? + attended
+        }
     }
 }
 

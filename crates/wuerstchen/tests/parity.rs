@@ -60,6 +60,39 @@ fn prior_matches_diffusers() {
     assert!(run_component(Component::Prior) >= 2);
 }
 
+/// Classifier-free guidance runs the prior on each latent twice, under the text and
+/// under none: the halves are computed once up to the first attention block, giving
+/// diffusers' output for less work than a batch whose halves differ. An attention
+/// block given images that do not divide its conditioning's batch says so.
+#[test]
+fn prior_computes_the_halves_of_a_guidance_batch_once() {
+    use wuerstchen::stage_c::WuerstchenPrior;
+    let (prior, inputs) = fixture_model::<WuerstchenPrior>("prior_guidance");
+    let expected = &load(&fixtures().join("prior_guidance/expected.safetensors"))["output"];
+    let (x, r, c) = (&inputs["x"], &inputs["r"], &inputs["c"]);
+    let (shared, shared_flops) = flops::counted(|| prior.forward(x, r, c));
+    assert_parity("prior_guidance", &shared.unwrap(), expected);
+    // one value of the second half changed: every image is computed
+    let mut values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    *values.last_mut().unwrap() += 1e-3;
+    let nudged = Tensor::from_vec(values, x.shape(), &Device::Cpu).unwrap();
+    let (apart, apart_flops) = flops::counted(|| prior.forward(&nudged, r, c));
+    apart.unwrap();
+    assert!(
+        shared_flops < apart_flops,
+        "{shared_flops} FLOPs shared, {apart_flops} apart"
+    );
+    let cond = prior.condition(c).unwrap();
+    let err = prior
+        .forward_conditioned(&x.i(0..3).unwrap(), &r.i(0..3).unwrap(), &cond)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("3 images under a conditioning of batch 4"),
+        "{err}"
+    );
+}
+
 #[test]
 fn decoder_matches_diffusers() {
     assert!(run_component(Component::Decoder) >= 3);
