@@ -11,6 +11,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
 use crate::kernels::bf16_matmul::Bf16Linear;
+use crate::kernels::conv_transpose::PackedConvTranspose;
 use crate::kernels::linear_kind::{self, LinearKind};
 use crate::kernels::packed_linear::PackedLinear;
 
@@ -157,6 +158,11 @@ pub fn conv2d(
     }
 }
 
+/// A conv of the given weight and bias (weights computed at load time).
+pub fn conv2d_from(weight: Tensor, bias: Tensor, cfg: Conv2dConfig) -> Conv2d {
+    Conv2d(candle_nn::Conv2d::new(weight, Some(bias), cfg))
+}
+
 impl Conv2d {
     pub fn weight(&self) -> &Tensor {
         self.0.weight()
@@ -178,7 +184,12 @@ impl Module for Conv2d {
 }
 
 #[derive(Debug, Clone)]
-pub struct ConvTranspose2d(candle_nn::ConvTranspose2d);
+pub struct ConvTranspose2d {
+    conv: candle_nn::ConvTranspose2d,
+    /// Its taps packed for our kernel, in a model built with packed f32 linear layers
+    /// (inference on the CPU).
+    packed: Option<PackedConvTranspose>,
+}
 
 pub fn conv_transpose2d(
     c_in: usize,
@@ -187,23 +198,37 @@ pub fn conv_transpose2d(
     cfg: ConvTranspose2dConfig,
     vb: VarBuilder,
 ) -> Result<ConvTranspose2d> {
-    candle_nn::conv_transpose2d(c_in, c_out, kernel, cfg, vb).map(ConvTranspose2d)
+    let conv = candle_nn::conv_transpose2d(c_in, c_out, kernel, cfg, vb)?;
+    let packed = if linear_kind::building() == LinearKind::PackedF32
+        && cfg.dilation == 1
+        && cfg.output_padding == 0
+    {
+        PackedConvTranspose::new(conv.weight(), conv.bias(), cfg.stride, cfg.padding)?
+    } else {
+        None
+    };
+    Ok(ConvTranspose2d { conv, packed })
 }
 
 impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(packed) = &self.packed {
+            if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+                return packed.forward(x);
+            }
+        }
         // each input value is spread over (c_out / groups) * kh * kw outputs
-        let cfg = self.0.config();
+        let cfg = self.conv.config();
         if cfg.dilation != 1 || cfg.output_padding != 0 || !x.device().is_cpu() {
-            let (_, per_group, kh, kw) = self.0.weight().dims4()?;
+            let (_, per_group, kh, kw) = self.conv.weight().dims4()?;
             add(2 * x.elem_count() * per_group * kh * kw);
-            return self.0.forward(x);
+            return self.conv.forward(x);
         }
         // the gemm form counts its own products
         crate::kernels::conv_transpose::conv_transpose2d(
             x,
-            self.0.weight(),
-            self.0.bias(),
+            self.conv.weight(),
+            self.conv.bias(),
             cfg.stride,
             cfg.padding,
         )
