@@ -54,6 +54,19 @@ impl DepthwiseConv2d {
             ..Self::new(c, c, kernel, 0, vb)?
         })
     }
+
+    /// [`replicate_padded`](Self::replicate_padded) with the weight (c, 1, k, k) and
+    /// bias (c) given.
+    pub fn replicate_padded_from(weight: Tensor, bias: Tensor, padding: usize) -> Self {
+        let cfg = Conv2dConfig {
+            groups: weight.dim(0).unwrap_or(1),
+            ..Default::default()
+        };
+        Self {
+            conv: flops::conv2d_from(weight, bias, cfg),
+            padding: Padding::Replicate(padding),
+        }
+    }
 }
 
 impl Module for DepthwiseConv2d {

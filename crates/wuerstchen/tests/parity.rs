@@ -195,6 +195,36 @@ fn vqgan_decode_matches_diffusers() {
     assert!(run_component(Component::VqganDecode) >= 2);
 }
 
+/// Loaded for inference, Stage A folds each MixingResidualBlock's six scalars (norm
+/// scales and shifts, branch gains) into its depthwise conv and linear layers; built
+/// as a training run builds it, it keeps them as weights. Both give diffusers' image.
+#[test]
+fn vqgan_folds_its_gammas_only_for_inference() {
+    use wuerstchen::config::PaellaVQConfig;
+    for case in ["vqgan_a_decode", "vqgan_b_decode"] {
+        let dir = fixtures().join(case);
+        let inputs = load(&dir.join("inputs.safetensors"));
+        let expected = &load(&dir.join("expected.safetensors"))["output"];
+        let folded = run_forward(
+            Component::VqganDecode,
+            &dir.join("model"),
+            &inputs,
+            &Device::Cpu,
+            DType::F32,
+        );
+        let config = std::fs::read_to_string(dir.join("model/config.json")).unwrap();
+        let config: PaellaVQConfig = serde_json::from_str(&config).unwrap();
+        let weights = dir.join("model/diffusion_pytorch_model.safetensors");
+        // SAFETY: the fixture is not modified while the test maps it
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) };
+        let model = PaellaVQModel::new(&config, vb.unwrap()).unwrap();
+        let unfolded = model.decode(&inputs["latents"], false).unwrap();
+        assert_parity(&format!("{case} unfolded"), &unfolded, expected);
+        assert_parity(&format!("{case} folded"), &folded.unwrap(), expected);
+    }
+}
+
 /// Stage A in tiles (with its margin of context) gives the whole decode's image: no
 /// seams, equal far below one 8-bit level (1/255 of the [0, 1] range, 2/255 here).
 #[test]
