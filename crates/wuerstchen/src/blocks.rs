@@ -10,7 +10,6 @@ use candle_nn::VarBuilder;
 use crate::depthwise::DepthwiseConv2d;
 use crate::flops::{self, Conv2d, Linear};
 use crate::kernels;
-use crate::kernels::gelu::gelu;
 
 /// `x` in the precision statistics are computed in: f32 for half types, f64 stays.
 pub fn upcast(x: &Tensor) -> Result<Tensor> {
@@ -180,7 +179,7 @@ impl ChannelMlp {
     /// (B, C_in, H, W) -> (B, C_out, H, W): the linear layers as 1x1 convolutions,
     /// so the block never leaves NCHW (diffusers permutes to tokens and back).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = gelu(&self.fc1.forward_channels_first(x)?)?;
+        let x = self.fc1.forward_channels_first_gelu(x)?;
         self.fc2.forward_channels_first(&self.grn.forward(&x)?)
     }
 }

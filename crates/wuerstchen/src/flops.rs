@@ -95,6 +95,18 @@ impl Linear {
             Self::Bf16(layer) => layer.forward_channels_first(x),
         }
     }
+
+    /// `gelu(forward_channels_first(x))`: the channel MLPs' first layer and its
+    /// activation, fused where the layer is packed.
+    pub fn forward_channels_first_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Packed(layer) => {
+                add(2 * x.elem_count() * layer.out_features());
+                layer.forward_channels_first_gelu(x)
+            }
+            _ => crate::kernels::gelu::gelu(&self.forward_channels_first(x)?),
+        }
+    }
 }
 
 impl Module for Linear {

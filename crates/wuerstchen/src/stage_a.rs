@@ -7,7 +7,6 @@ use crate::blocks::{channel_layer_norm, conv1x1, conv2d, BatchNorm};
 use crate::config::PaellaVQConfig;
 use crate::depthwise::DepthwiseConv2d;
 use crate::flops::{self, Conv2d, ConvTranspose2d, Linear};
-use crate::kernels::gelu::gelu;
 use crate::kernels::linear_kind;
 
 /// `MixingResidualBlock`: depthwise conv (replication padded) and channel MLP, each
@@ -103,7 +102,7 @@ impl MixingResidualBlock {
         let t = modulate(&x, 3, 4)?;
         let t = self
             .fc2
-            .forward_channels_first(&gelu(&self.fc1.forward_channels_first(&t)?)?)?;
+            .forward_channels_first(&self.fc1.forward_channels_first_gelu(&t)?)?;
         x + gain(t, 5)?
     }
 }

@@ -55,6 +55,18 @@ simd_dispatch! {
     }
 }
 
+/// GELU of `xs` in place (up to one tile's row of pixels), as [`gelu`] computes it:
+/// the packed layer applies it to each output tile as the tile is finished, while it
+/// is in L1, instead of in a pass over the whole output.
+pub(super) fn gelu_in_place(xs: &mut [f32]) {
+    let mut src = [0f32; 64];
+    for chunk in xs.chunks_mut(64) {
+        let src = &mut src[..chunk.len()];
+        src.copy_from_slice(chunk);
+        gelu_slice(src, chunk);
+    }
+}
+
 simd_dispatch! {
     fn gelu_grad_slice(x: &[f32], g: &[f32], dst: &mut [f32]) {
         // 1 / sqrt(2 pi)

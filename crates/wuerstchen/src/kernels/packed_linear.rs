@@ -175,16 +175,23 @@ impl PackedLinear {
     }
 
     fn product(&self, x: &Tensor, channels_first: bool) -> Result<Tensor> {
-        self.product_sharing(x, channels_first, SHARED_PIXELS_BYTES)
+        self.product_sharing(x, channels_first, false, SHARED_PIXELS_BYTES)
     }
 
     /// With the limit of [`SHARED_PIXELS_BYTES`] as given (tests take both paths).
-    fn product_sharing(&self, x: &Tensor, channels_first: bool, shared: usize) -> Result<Tensor> {
+    fn product_sharing(
+        &self,
+        x: &Tensor,
+        channels_first: bool,
+        gelu: bool,
+        shared: usize,
+    ) -> Result<Tensor> {
         x.to_dtype(DType::F32)?
             .contiguous()?
             .apply_op1_no_bwd(&PanelMatmul {
                 packed: &self.0,
                 channels_first,
+                gelu,
                 shared_pixels_bytes: shared,
             })
     }
@@ -192,6 +199,14 @@ impl PackedLinear {
     /// The layer as a 1x1 convolution: x (B, in, H, W) -> (B, out, H, W).
     pub fn forward_channels_first(&self, x: &Tensor) -> Result<Tensor> {
         self.product(x, true)
+    }
+
+    /// `gelu(forward_channels_first(x))`, the same numbers, with GELU applied to each
+    /// output tile as it is finished (in L1) rather than in a pass over the whole
+    /// output: the MLPs' widest tensors (400 MB in Stage A at 1024 px) are written
+    /// once, and never held twice.
+    pub fn forward_channels_first_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.product_sharing(x, true, true, SHARED_PIXELS_BYTES)
     }
 }
 
@@ -205,6 +220,8 @@ impl Module for PackedLinear {
 struct PanelMatmul<'a> {
     packed: &'a Packed,
     channels_first: bool,
+    /// GELU on the outputs (channels-first only).
+    gelu: bool,
     /// Channels-first inputs up to this size are packed once for all tasks.
     shared_pixels_bytes: usize,
 }
@@ -266,6 +283,7 @@ impl CustomOp1 for PanelMatmul<'_> {
                     plane,
                     outputs: j0..(j0 + outputs).min(p.n),
                     pixels: q0..(q0 + task_pixels).min(plane),
+                    gelu: self.gelu,
                 };
                 // SAFETY: PackedLinear exists only where available() said yes; each
                 // task writes only its outputs x pixels of its image, inside `out`.
@@ -352,6 +370,8 @@ struct PixelTask<'a> {
     plane: usize,
     outputs: std::ops::Range<usize>,
     pixels: std::ops::Range<usize>,
+    /// GELU on each output tile after its last depth block.
+    gelu: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -492,6 +512,17 @@ mod kernel {
                                 (OUTPUTS.min(task.outputs.end - j), PIXELS.min(len - first)),
                                 start,
                             );
+                            if task.gelu && d0 + depth == k {
+                                let cols = PIXELS.min(len - first);
+                                for r in j..(j + OUTPUTS).min(task.outputs.end) {
+                                    // SAFETY: this task's own outputs, just written
+                                    let row = std::slice::from_raw_parts_mut(
+                                        out.add(r * plane + q0 + first),
+                                        cols,
+                                    );
+                                    super::super::gelu::gelu_in_place(row);
+                                }
+                            }
                         }
                     }
                 }
@@ -601,13 +632,17 @@ mod tests {
             });
             for (isa, shared, rounded) in cases {
                 let (layer, want) = if rounded { &bf16 } else { &f32 };
-                let got = isa.with(|| layer.product_sharing(&x, true, shared))?;
+                let got = isa.with(|| layer.product_sharing(&x, true, false, shared))?;
                 let d = max_diff(&got, want)?;
                 assert!(
                     d < tolerance(k),
                     "{isa:?}, ({images}, {k}, {h}, {w_}) -> {n}, {shared}, {:?}: {d}",
                     layer.0.bf16
                 );
+                // GELU on each finished tile: the GELU of the product, to the bit
+                let fused = isa.with(|| layer.product_sharing(&x, true, true, shared))?;
+                let separate = super::super::gelu::gelu(&got)?;
+                assert_eq!(max_diff(&fused, &separate)?, 0.0, "{isa:?} GELU");
             }
         }
         Ok(())
