@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use common::{assert_parity, fixture_component, fixtures, load};
-use wuerstchen::config::DiffNeXtConfig;
 use wuerstchen::flops;
 use wuerstchen::forward::{run_forward, Component};
 use wuerstchen::resize::resize_bicubic_aa;
@@ -21,6 +20,18 @@ fn fixture_model<M: FromFolder>(case: &str) -> (M, HashMap<String, Tensor>) {
     let dir = fixtures().join(case);
     let (model, _) = M::load(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
     (model, load(&dir.join("inputs.safetensors")))
+}
+
+/// A fixture's model built as a training run builds it: from a plain VarBuilder, so
+/// without the inference-only folds and packed layers.
+fn training_build<M: FromFolder>(case: &str) -> M {
+    let dir = fixtures().join(case).join("model");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let config: M::Config = serde_json::from_str(&config).unwrap();
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    // SAFETY: the fixture is not modified while the test maps it
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) };
+    M::build(&config, vb.unwrap()).unwrap()
 }
 
 /// Runs every fixture of one component kind; returns how many ran.
@@ -117,13 +128,7 @@ fn decoder_folds_its_effnet_mappers_only_for_inference() {
                 DType::F32,
             )
         });
-        let config = std::fs::read_to_string(dir.join("model/config.json")).unwrap();
-        let config: DiffNeXtConfig = serde_json::from_str(&config).unwrap();
-        let weights = dir.join("model/diffusion_pytorch_model.safetensors");
-        // SAFETY: the fixture is not modified while the test maps it
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) };
-        let model = WuerstchenDiffNeXt::new(&config, vb.unwrap()).unwrap();
+        let model = training_build::<WuerstchenDiffNeXt>(case);
         let input = |name: &str| &inputs[name];
         let (unfolded, unfolded_flops) = flops::counted(|| {
             model.forward(input("x"), input("r"), input("effnet"), input("clip"))
@@ -200,7 +205,6 @@ fn vqgan_decode_matches_diffusers() {
 /// as a training run builds it, it keeps them as weights. Both give diffusers' image.
 #[test]
 fn vqgan_folds_its_gammas_only_for_inference() {
-    use wuerstchen::config::PaellaVQConfig;
     for case in ["vqgan_a_decode", "vqgan_b_decode"] {
         let dir = fixtures().join(case);
         let inputs = load(&dir.join("inputs.safetensors"));
@@ -212,13 +216,7 @@ fn vqgan_folds_its_gammas_only_for_inference() {
             &Device::Cpu,
             DType::F32,
         );
-        let config = std::fs::read_to_string(dir.join("model/config.json")).unwrap();
-        let config: PaellaVQConfig = serde_json::from_str(&config).unwrap();
-        let weights = dir.join("model/diffusion_pytorch_model.safetensors");
-        // SAFETY: the fixture is not modified while the test maps it
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) };
-        let model = PaellaVQModel::new(&config, vb.unwrap()).unwrap();
+        let model = training_build::<PaellaVQModel>(case);
         let unfolded = model.decode(&inputs["latents"], false).unwrap();
         assert_parity(&format!("{case} unfolded"), &unfolded, expected);
         assert_parity(&format!("{case} folded"), &folded.unwrap(), expected);
