@@ -128,7 +128,7 @@ impl WuerstchenPrior {
 /// (B): the same values bit for bit.
 fn repeated_half(x: &Tensor, r: &Tensor) -> Result<Option<Tensor>> {
     let batch = x.dim(0)?;
-    if batch % 2 != 0 || r.dims() != [batch] {
+    if batch < 2 || batch % 2 != 0 || r.dims() != [batch] {
         return Ok(None);
     }
     let halves_equal = |t: &Tensor| -> Result<bool> {
