@@ -161,7 +161,10 @@ impl PackedConvTranspose {
         let (b, c_in, h, w) = x.dims4()?;
         let (s, t, p, c_out) = (self.stride, self.taps, self.padding, self.c_out);
         let (fh, fw) = (h + t - 1, w + t - 1);
-        let (oh, ow) = (fh * s - 2 * p, fw * s - 2 * p);
+        let (Some(oh), Some(ow)) = ((fh * s).checked_sub(2 * p), (fw * s).checked_sub(2 * p))
+        else {
+            candle_core::bail!("transposed conv: a {h} x {w} input is smaller than its padding")
+        };
         let plane = oh * ow;
         // every output pixel lies in exactly one phase: (oy + p) mod s, (ox + p) mod s
         let mut out = vec![0f32; b * c_out * plane];
@@ -264,6 +267,15 @@ mod tests {
                 assert!(d < 1e-5, "{isa:?} k{k} s{s} p{p}: max difference {d}");
             }
         }
+        // an empty input whose output would be smaller than nothing: an error
+        let wt = random(&[5, 3, 2, 2], 2)?;
+        let packed = PackedConvTranspose::new(&wt, None, 2, 1)?.expect("a fitting shape");
+        let empty = Tensor::zeros(
+            (1, 5, 0, 4),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )?;
+        assert!(packed.forward(&empty).is_err());
         // shapes the gemm form hands to candle are not packed either
         let wt = random(&[5, 3, 3, 3], 2)?;
         assert!(PackedConvTranspose::new(&wt, None, 2, 1)?.is_none());
