@@ -15,9 +15,16 @@ use rayon::prelude::*;
 use super::contiguous_f32;
 use super::packed_linear::PackedLinear;
 
+/// Whether a square k x k kernel splits into stride x stride phases of whole taps, with
+/// the padding cropped from the phases' joined image: the shapes both the gemm form
+/// and the packed form take (others go to candle's op).
+fn splits_into_phases(kh: usize, kw: usize, stride: usize, padding: usize) -> bool {
+    kh == kw && stride > 0 && kh.is_multiple_of(stride) && padding * 2 <= kh
+}
+
 /// `F.conv_transpose2d(x, weight, bias, stride, padding)` with dilation 1, one group
 /// and no output padding; `weight` is (C_in, C_out, k, k). Falls back to candle's op
-/// when k is not a multiple of the stride.
+/// where the kernel does not [split into phases](splits_into_phases).
 pub fn conv_transpose2d(
     x: &Tensor,
     weight: &Tensor,
@@ -27,7 +34,7 @@ pub fn conv_transpose2d(
 ) -> Result<Tensor> {
     let (b, c_in, h, w) = x.dims4()?;
     let (_, c_out, kh, kw) = weight.dims4()?;
-    if kh != kw || kh % stride != 0 || padding * 2 > kh {
+    if !splits_into_phases(kh, kw, stride, padding) {
         let y = x.conv_transpose2d(weight, padding, 0, stride, 1)?;
         return match bias {
             Some(bias) => y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?),
@@ -113,8 +120,7 @@ pub struct PackedConvTranspose {
 
 impl PackedConvTranspose {
     /// From a PyTorch weight (C_in, C_out, k, k); None where [`conv_transpose2d`]
-    /// would fall back to candle's op (k not a multiple of the stride, or the padding
-    /// wider than half the kernel) or the packed kernel does not run.
+    /// would fall back to candle's op or the packed kernel does not run.
     pub fn new(
         weight: &Tensor,
         bias: Option<&Tensor>,
@@ -122,12 +128,7 @@ impl PackedConvTranspose {
         padding: usize,
     ) -> Result<Option<Self>> {
         let (_, c_out, kh, kw) = weight.dims4()?;
-        if !super::packed_linear::available()
-            || kh != kw
-            || stride == 0
-            || kh % stride != 0
-            || padding * 2 > kh
-        {
+        if !super::packed_linear::available() || !splits_into_phases(kh, kw, stride, padding) {
             return Ok(None);
         }
         let (s, t) = (stride, kh / stride);
