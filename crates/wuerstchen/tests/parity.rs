@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
@@ -34,6 +35,38 @@ fn training_build<M: FromFolder>(case: &str) -> M {
     M::build(&config, vb.unwrap()).unwrap()
 }
 
+/// One fixture folder: its inputs and diffusers' output.
+struct Case {
+    dir: PathBuf,
+    inputs: HashMap<String, Tensor>,
+    expected: Tensor,
+}
+
+impl Case {
+    fn open(dir: PathBuf) -> Self {
+        let inputs = load(&dir.join("inputs.safetensors"));
+        let expected = load(&dir.join("expected.safetensors"))["output"].clone();
+        Self {
+            dir,
+            inputs,
+            expected,
+        }
+    }
+
+    /// The fixture's component run as `run_forward` runs it (loaded for inference,
+    /// on the CPU) with weights in `dtype`.
+    fn run(&self, kind: Component, dtype: DType) -> Tensor {
+        run_forward(
+            kind,
+            &self.dir.join("model"),
+            &self.inputs,
+            &Device::Cpu,
+            dtype,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", self.dir.display()))
+    }
+}
+
 /// Runs every fixture of one component kind; returns how many ran.
 fn run_component(kind: Component) -> usize {
     run_component_in(kind, DType::F32, assert_parity)
@@ -55,12 +88,9 @@ fn run_component_in(
         if fixture_component(&dir).as_deref() != Some(kind.name()) {
             continue;
         }
-        let inputs = load(&dir.join("inputs.safetensors"));
-        let expected = &load(&dir.join("expected.safetensors"))["output"];
-        let got = run_forward(kind, &dir.join("model"), &inputs, &Device::Cpu, dtype)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        judge(&name, &got, expected);
+        let case = Case::open(dir);
+        judge(&name, &case.run(kind, dtype), &case.expected);
         ran += 1;
     }
     ran
@@ -116,25 +146,16 @@ fn decoder_matches_diffusers() {
 #[test]
 fn decoder_folds_its_effnet_mappers_only_for_inference() {
     for case in ["decoder_a", "decoder_b", "decoder_c"] {
-        let dir = fixtures().join(case);
-        let inputs = load(&dir.join("inputs.safetensors"));
-        let expected = &load(&dir.join("expected.safetensors"))["output"];
-        let (folded, folded_flops) = flops::counted(|| {
-            run_forward(
-                Component::Decoder,
-                &dir.join("model"),
-                &inputs,
-                &Device::Cpu,
-                DType::F32,
-            )
-        });
+        let fixture = Case::open(fixtures().join(case));
+        let (folded, folded_flops) = flops::counted(|| fixture.run(Component::Decoder, DType::F32));
         let model = training_build::<WuerstchenDiffNeXt>(case);
+        let (inputs, expected) = (&fixture.inputs, &fixture.expected);
         let input = |name: &str| &inputs[name];
         let (unfolded, unfolded_flops) = flops::counted(|| {
             model.forward(input("x"), input("r"), input("effnet"), input("clip"))
         });
         assert_parity(&format!("{case} unfolded"), &unfolded.unwrap(), expected);
-        assert_parity(&format!("{case} folded"), &folded.unwrap(), expected);
+        assert_parity(&format!("{case} folded"), &folded, expected);
         println!("{case}: {folded_flops} FLOPs folded, {unfolded_flops} unfolded");
         assert!(
             folded_flops < unfolded_flops,
@@ -206,20 +227,12 @@ fn vqgan_decode_matches_diffusers() {
 #[test]
 fn vqgan_folds_its_gammas_only_for_inference() {
     for case in ["vqgan_a_decode", "vqgan_b_decode"] {
-        let dir = fixtures().join(case);
-        let inputs = load(&dir.join("inputs.safetensors"));
-        let expected = &load(&dir.join("expected.safetensors"))["output"];
-        let folded = run_forward(
-            Component::VqganDecode,
-            &dir.join("model"),
-            &inputs,
-            &Device::Cpu,
-            DType::F32,
-        );
+        let fixture = Case::open(fixtures().join(case));
+        let folded = fixture.run(Component::VqganDecode, DType::F32);
         let model = training_build::<PaellaVQModel>(case);
-        let unfolded = model.decode(&inputs["latents"], false).unwrap();
-        assert_parity(&format!("{case} unfolded"), &unfolded, expected);
-        assert_parity(&format!("{case} folded"), &folded.unwrap(), expected);
+        let unfolded = model.decode(&fixture.inputs["latents"], false).unwrap();
+        assert_parity(&format!("{case} unfolded"), &unfolded, &fixture.expected);
+        assert_parity(&format!("{case} folded"), &folded, &fixture.expected);
     }
 }
 
