@@ -104,7 +104,11 @@ impl Linear {
                 add(2 * x.elem_count() * layer.out_features());
                 layer.forward_channels_first_gelu(x)
             }
-            _ => crate::kernels::gelu::gelu(&self.forward_channels_first(x)?),
+            Self::Bf16(layer) => {
+                add(2 * x.elem_count() * layer.out_features());
+                layer.forward_channels_first_gelu(x)
+            }
+            Self::F32(_) => crate::kernels::gelu::gelu(&self.forward_channels_first(x)?),
         }
     }
 }
@@ -211,7 +215,11 @@ pub fn conv_transpose2d(
     vb: VarBuilder,
 ) -> Result<ConvTranspose2d> {
     let conv = candle_nn::conv_transpose2d(c_in, c_out, kernel, cfg, vb)?;
-    let packed = if linear_kind::building() == LinearKind::PackedF32
+    // bf16 models on the CPU keep f32 activations and give their transposed convs f32
+    // weights, so these take our f32 kernel too
+    let kind = linear_kind::building();
+    let packed = if (kind == LinearKind::PackedF32
+        || (kind == LinearKind::Bf16 && crate::kernels::packed_linear::available()))
         && cfg.dilation == 1
         && cfg.output_padding == 0
     {

@@ -119,6 +119,15 @@ impl Bf16Linear {
     pub fn forward_channels_first(&self, x: &Tensor) -> Result<Tensor> {
         self.product(x, true)
     }
+
+    /// `gelu(forward_channels_first(x))`: fused into the product on our f32 kernel
+    /// (each output tile while it is in L1), a pass of its own on the other forms.
+    pub fn forward_channels_first_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        match &*self.0 {
+            Weight::Packed(layer) => layer.forward_channels_first_gelu(&x.to_dtype(DType::F32)?),
+            _ => super::gelu::gelu(&self.product(x, true)?),
+        }
+    }
 }
 
 impl Module for Bf16Linear {
@@ -717,6 +726,10 @@ mod tests {
                 let got = layer.forward_channels_first(&x)?;
                 let d = max_diff(&got, &want)?;
                 assert!(d < 1e-5, "({b_}, {k}, {h}, {w_}) -> {n}: {d}");
+                // the fused activation changes no bit of the product's GELU
+                let fused = layer.forward_channels_first_gelu(&x)?;
+                let apart = crate::kernels::gelu::gelu(&got)?;
+                assert_eq!(max_diff(&fused, &apart)?, 0.0, "{:?}", layer.0);
             }
         }
         Ok(())
