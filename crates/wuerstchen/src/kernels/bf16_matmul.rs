@@ -96,44 +96,54 @@ impl Bf16Linear {
         }
     }
 
-    /// The product in either layout: on AMX tiles, our f32 kernel, or candle's ops.
-    fn product(&self, x: &Tensor, channels_first: bool) -> Result<Tensor> {
+    /// The product in either layout: on AMX tiles, our f32 kernel, or candle's ops;
+    /// then GELU if asked (channels-first only), fused where the kernel is ours.
+    fn product(&self, x: &Tensor, channels_first: bool, gelu: bool) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
-        match &*self.0 {
-            Weight::Tiles { packed, bias } => x.contiguous()?.apply_op1_no_bwd(&TileMatmul {
-                packed,
-                bias: bias.as_deref(),
-                channels_first,
-            }),
-            Weight::Packed(layer) if channels_first => layer.forward_channels_first(&x),
-            Weight::Packed(layer) => layer.forward(&x),
-            Weight::Rounded(layer) if channels_first => {
-                super::pointwise::plain(&round_to_bf16(&x)?, layer.weight(), layer.bias())
+        let out = match &*self.0 {
+            Weight::Tiles { packed, bias } => {
+                return x.contiguous()?.apply_op1_no_bwd(&TileMatmul {
+                    packed,
+                    bias: bias.as_deref(),
+                    channels_first,
+                    gelu,
+                })
             }
-            Weight::Rounded(layer) => layer.forward(&round_to_bf16(&x)?),
+            Weight::Packed(layer) if channels_first && gelu => {
+                return layer.forward_channels_first_gelu(&x)
+            }
+            Weight::Packed(layer) if channels_first => layer.forward_channels_first(&x)?,
+            Weight::Packed(layer) => layer.forward(&x)?,
+            Weight::Rounded(layer) if channels_first => {
+                super::pointwise::plain(&round_to_bf16(&x)?, layer.weight(), layer.bias())?
+            }
+            Weight::Rounded(layer) => layer.forward(&round_to_bf16(&x)?)?,
+        };
+        if gelu {
+            super::gelu::gelu(&out)
+        } else {
+            Ok(out)
         }
     }
 
     /// The layer as a 1x1 convolution: x (B, in, H, W) -> (B, out, H, W), read and
     /// written channels-first, so a block that stays in NCHW needs no transposes.
     pub fn forward_channels_first(&self, x: &Tensor) -> Result<Tensor> {
-        self.product(x, true)
+        self.product(x, true, false)
     }
 
-    /// `gelu(forward_channels_first(x))`: fused into the product on our f32 kernel
-    /// (each output tile while it is in L1), a pass of its own on the other forms.
+    /// `gelu(forward_channels_first(x))`: on AMX tiles and our f32 kernel applied to
+    /// each block of outputs as it is written (still in cache), a pass of its own on
+    /// candle's ops.
     pub fn forward_channels_first_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        match &*self.0 {
-            Weight::Packed(layer) => layer.forward_channels_first_gelu(&x.to_dtype(DType::F32)?),
-            _ => super::gelu::gelu(&self.product(x, true)?),
-        }
+        self.product(x, true, true)
     }
 }
 
 impl Module for Bf16Linear {
     /// x (.., in) -> (.., out)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.product(x, false)
+        self.product(x, false, false)
     }
 }
 
@@ -233,6 +243,8 @@ struct TileMatmul<'a> {
     bias: Option<&'a [f32]>,
     /// x is (B, k, H, W) and the output (B, n, H, W); else x is (.., k) -> (.., n).
     channels_first: bool,
+    /// GELU applied to each task's outputs as they are written.
+    gelu: bool,
 }
 
 impl CustomOp1 for TileMatmul<'_> {
@@ -253,7 +265,7 @@ impl CustomOp1 for TileMatmul<'_> {
             for (x, out) in x.chunks(p.k * plane).zip(out.chunks_mut(p.n * plane)) {
                 for p0 in (0..plane).step_by(CHUNK_PIXELS) {
                     let len = CHUNK_PIXELS.min(plane - p0);
-                    pixels_chunk(x, plane, p0, len, p, self.bias, out);
+                    pixels_chunk(x, plane, p0, len, p, (self.bias, self.gelu), out);
                 }
             }
         } else {
@@ -262,7 +274,10 @@ impl CustomOp1 for TileMatmul<'_> {
                 .zip(x.par_chunks(TASK * p.k))
                 .for_each(|(out, x)| {
                     // SAFETY: `Tiles` layers exist only where amx_available() said yes.
-                    unsafe { amx::rows(x, p, pairs, self.bias, out) }
+                    unsafe { amx::rows(x, p, pairs, self.bias, out) };
+                    if self.gelu {
+                        super::gelu::gelu_in_place(out);
+                    }
                 });
         }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -311,14 +326,14 @@ const TASK_OUTPUTS: usize = 128;
 const TASK_PIXELS: usize = 512;
 
 /// `out[:, p0 .. p0 + len] = w x[:, p0 .. p0 + len] + bias` for one image of a
-/// channels-first x (k, plane) and out (n, plane).
+/// channels-first x (k, plane) and out (n, plane), through GELU if `gelu`.
 fn pixels_chunk(
     x: &[f32],
     plane: usize,
     p0: usize,
     len: usize,
     p: &Packed,
-    bias: Option<&[f32]>,
+    (bias, gelu): (Option<&[f32]>, bool),
     out: &mut [f32],
 ) {
     // the chunk's columns as second-operand tiles, converted once
@@ -350,7 +365,7 @@ fn pixels_chunk(
                 (j0, outputs),
                 (q0, cols),
                 p,
-                bias,
+                (bias, gelu),
                 out.get(),
                 plane,
                 p0,
@@ -586,7 +601,7 @@ mod amx {
         (j0, outputs): (usize, usize),
         (q0, cols): (usize, usize),
         w: &Packed,
-        bias: Option<&[f32]>,
+        (bias, gelu): (Option<&[f32]>, bool),
         out: *mut f32,
         plane: usize,
         p0: usize,
@@ -619,6 +634,9 @@ mod amx {
             let out = std::slice::from_raw_parts_mut(out.add(row * plane + p0 + q0), cols);
             let add = bias.map_or(0.0, |b| b[row]);
             out.iter_mut().zip(c).for_each(|(o, &v)| *o = v + add);
+            if gelu {
+                crate::kernels::gelu::gelu_in_place(out);
+            }
         }
     }
 
@@ -634,7 +652,7 @@ mod amx {
         _: (usize, usize),
         _: (usize, usize),
         _: &Packed,
-        _: Option<&[f32]>,
+        _: (Option<&[f32]>, bool),
         _: *mut f32,
         _: usize,
         _: usize,
