@@ -11,7 +11,6 @@ use crate::blocks::{layer_norm, softmax_last_dim, upcast};
 use crate::config::ClipTextConfig;
 use crate::flops::{self, Linear};
 use crate::kernels::attention::{merge_heads, split_heads};
-use crate::kernels::gelu::gelu;
 
 #[derive(Debug, Clone)]
 struct LayerNorm {
@@ -82,11 +81,12 @@ impl EncoderLayer {
         // (B, heads, L, hd) -> (B, L, D)
         let attn = merge_heads(&probs.matmul(&v)?)?;
         let x = (x + self.out_proj.forward(&attn)?)?;
-        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        let h = self.layer_norm2.forward(&x)?;
         let h = if self.quick_gelu {
+            let h = self.fc1.forward(&h)?;
             (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?
         } else {
-            gelu(&h)?
+            self.fc1.forward_gelu(&h)?
         };
         x + self.fc2.forward(&h)?
     }

@@ -97,20 +97,39 @@ impl Linear {
     }
 
     /// `gelu(forward_channels_first(x))`: the channel MLPs' first layer and its
-    /// activation, fused where the layer is packed.
+    /// activation, fused where the layer is packed or bf16.
     pub fn forward_channels_first_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Packed(layer) => {
-                add(2 * x.elem_count() * layer.out_features());
-                layer.forward_channels_first_gelu(x)
+        self.with_gelu(x, true)
+    }
+
+    /// `gelu(forward(x))` in the token layout (CLIP's MLPs), fused likewise.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.with_gelu(x, false)
+    }
+
+    fn with_gelu(&self, x: &Tensor, channels_first: bool) -> Result<Tensor> {
+        use crate::kernels::gelu::gelu;
+        // the fused forms count their products here; candle's layer in its forward
+        let products = 2 * x.elem_count() * self.out_features()?;
+        match (self, channels_first) {
+            (Self::F32(_), true) => gelu(&self.forward_channels_first(x)?),
+            (Self::F32(_), false) => gelu(&self.forward(x)?),
+            (Self::Packed(layer), true) => {
+                add_then(products, || layer.forward_channels_first_gelu(x))
             }
-            Self::Bf16(layer) => {
-                add(2 * x.elem_count() * layer.out_features());
-                layer.forward_channels_first_gelu(x)
+            (Self::Packed(layer), false) => add_then(products, || layer.forward_gelu(x)),
+            (Self::Bf16(layer), true) => {
+                add_then(products, || layer.forward_channels_first_gelu(x))
             }
-            Self::F32(_) => crate::kernels::gelu::gelu(&self.forward_channels_first(x)?),
+            (Self::Bf16(layer), false) => add_then(products, || layer.forward_gelu(x)),
         }
     }
+}
+
+/// Counts `flops`, then runs `f`.
+fn add_then(flops: usize, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    add(flops);
+    f()
 }
 
 impl Module for Linear {

@@ -97,7 +97,7 @@ impl Bf16Linear {
     }
 
     /// The product in either layout: on AMX tiles, our f32 kernel, or candle's ops;
-    /// then GELU if asked (channels-first only), fused where the kernel is ours.
+    /// then GELU if asked, fused where the kernel is ours.
     fn product(&self, x: &Tensor, channels_first: bool, gelu: bool) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         let out = match &*self.0 {
@@ -109,11 +109,14 @@ impl Bf16Linear {
                     gelu,
                 })
             }
-            Weight::Packed(layer) if channels_first && gelu => {
-                return layer.forward_channels_first_gelu(&x)
+            Weight::Packed(layer) => {
+                return match (channels_first, gelu) {
+                    (true, true) => layer.forward_channels_first_gelu(&x),
+                    (true, false) => layer.forward_channels_first(&x),
+                    (false, true) => layer.forward_gelu(&x),
+                    (false, false) => layer.forward(&x),
+                }
             }
-            Weight::Packed(layer) if channels_first => layer.forward_channels_first(&x)?,
-            Weight::Packed(layer) => layer.forward(&x)?,
             Weight::Rounded(layer) if channels_first => {
                 super::pointwise::plain(&round_to_bf16(&x)?, layer.weight(), layer.bias())?
             }
@@ -137,6 +140,11 @@ impl Bf16Linear {
     /// candle's ops.
     pub fn forward_channels_first_gelu(&self, x: &Tensor) -> Result<Tensor> {
         self.product(x, true, true)
+    }
+
+    /// `gelu(forward(x))`, fused as [`Self::forward_channels_first_gelu`] is.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.product(x, false, true)
     }
 }
 
@@ -713,6 +721,9 @@ mod tests {
             for layer in layers(&w, &b)? {
                 let got = layer.forward(&x)?;
                 assert_eq!(got.dims(), want.dims());
+                let fused = layer.forward_gelu(&x)?;
+                let apart = crate::kernels::gelu::gelu(&got)?;
+                assert_eq!(max_diff(&fused, &apart)?, 0.0, "{:?}", layer.0);
                 // only the summation order differs: f32 rounding of sums of ~k terms
                 let d = max_diff(&got, &want)?;
                 assert!(d < 1e-5, "{dims:?} x {n}: {d} ({:?})", layer.0);

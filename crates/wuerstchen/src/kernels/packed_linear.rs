@@ -174,8 +174,8 @@ impl PackedLinear {
         self.0.n
     }
 
-    fn product(&self, x: &Tensor, channels_first: bool) -> Result<Tensor> {
-        self.product_sharing(x, channels_first, false, SHARED_PIXELS_BYTES)
+    fn product(&self, x: &Tensor, channels_first: bool, gelu: bool) -> Result<Tensor> {
+        self.product_sharing(x, channels_first, gelu, SHARED_PIXELS_BYTES)
     }
 
     /// With the limit of [`SHARED_PIXELS_BYTES`] as given (tests take both paths).
@@ -198,7 +198,13 @@ impl PackedLinear {
 
     /// The layer as a 1x1 convolution: x (B, in, H, W) -> (B, out, H, W).
     pub fn forward_channels_first(&self, x: &Tensor) -> Result<Tensor> {
-        self.product(x, true)
+        self.product(x, true, false)
+    }
+
+    /// `gelu(forward(x))`, the same numbers, with GELU applied to each task's block
+    /// of outputs as it is finished (in L2): CLIP's MLPs.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.product(x, false, true)
     }
 
     /// `gelu(forward_channels_first(x))`, the same numbers, with GELU applied to each
@@ -206,21 +212,21 @@ impl PackedLinear {
     /// output: the MLPs' widest tensors (400 MB in Stage A at 1024 px) are written
     /// once, and never held twice.
     pub fn forward_channels_first_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        self.product_sharing(x, true, true, SHARED_PIXELS_BYTES)
+        self.product(x, true, true)
     }
 }
 
 impl Module for PackedLinear {
     /// x (.., in) -> (.., out)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.product(x, false)
+        self.product(x, false, false)
     }
 }
 
 struct PanelMatmul<'a> {
     packed: &'a Packed,
     channels_first: bool,
-    /// GELU on the outputs (channels-first only).
+    /// GELU on the outputs.
     gelu: bool,
     /// Channels-first inputs up to this size are packed once for all tasks.
     shared_pixels_bytes: usize,
@@ -314,7 +320,28 @@ impl CustomOp1 for PanelMatmul<'_> {
                 let rows = r0..(r0 + task_rows).min(m);
                 let outputs = j0..(j0 + TASK_OUTPUTS).min(p.n);
                 // SAFETY: as above; each task writes only its rows x outputs of `out`.
-                unsafe { kernel::rows(isa, p, a.as_slice(), rows, outputs, dst.get()) }
+                unsafe {
+                    kernel::rows(
+                        isa,
+                        p,
+                        a.as_slice(),
+                        rows.clone(),
+                        outputs.clone(),
+                        dst.get(),
+                    )
+                }
+                if self.gelu {
+                    for r in rows {
+                        // SAFETY: this task's outputs of row r, written just above
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dst.get().add(r * p.n + outputs.start),
+                                outputs.len(),
+                            )
+                        };
+                        super::gelu::gelu_in_place(row);
+                    }
+                }
             });
         }
         // SAFETY: the tasks cover all rows (or images and pixels) x all outputs, and
@@ -597,8 +624,13 @@ mod tests {
             let layer = PackedLinear::new(&w, Some(&b))?;
             let want = reference(&x, &w, &b, false)?;
             for isa in Isa::supported() {
-                let d = max_diff(&isa.with(|| layer.forward(&x))?, &want)?;
+                let got = isa.with(|| layer.forward(&x))?;
+                let d = max_diff(&got, &want)?;
                 assert!(d < tolerance(k), "{isa:?}, {dims:?} x {n}: {d}");
+                // GELU on each task's outputs: the GELU of the product, to the bit
+                let fused = isa.with(|| layer.forward_gelu(&x))?;
+                let separate = super::super::gelu::gelu(&got)?;
+                assert_eq!(max_diff(&fused, &separate)?, 0.0, "{isa:?} GELU");
             }
         }
         for &(images, k, n, h, w_) in &[
