@@ -168,7 +168,7 @@ pub(super) fn round_to_bf16_f32(x: f32) -> f32 {
 
 /// f32 to bf16 bits, round to nearest, ties to even (as candle's and PyTorch's casts).
 #[inline(always)]
-fn bf16_bits(x: f32) -> u16 {
+pub(super) fn bf16_bits(x: f32) -> u16 {
     let u = x.to_bits();
     if x.is_nan() {
         return ((u >> 16) | 0x40) as u16; // quiet, whatever the payload rounds to
@@ -289,6 +289,15 @@ impl CustomOp1 for TileMatmul<'_> {
                 });
         }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+simd_dispatch! {
+    // bf16 bits to the f32 values they are (exact)
+    pub(super) fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+        for (d, &h) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((h as u32) << 16);
+        }
     }
 }
 

@@ -83,8 +83,8 @@ impl Isa {
 /// set and runs the best one the CPU supports: AVX-512, AVX2 + FMA, or the baseline.
 /// The body is generic Rust that the compiler vectorises for each target.
 macro_rules! simd_dispatch {
-    (fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        fn $name($($arg: $ty),*) {
+    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]

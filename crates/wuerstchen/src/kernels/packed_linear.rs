@@ -100,13 +100,80 @@ pub struct PackedLinear(Arc<Packed>);
 /// 32 p + j at `p * k * 32 + c * 32 + j`), zero-padded past n; the bias likewise.
 #[derive(Debug)]
 struct Packed {
-    panels: Aligned,
+    panels: Panels,
     bias: Vec<f32>,
     n: usize,
     k: usize,
     /// bf16 arithmetic on this f32 kernel: the weight was rounded to bf16 when packed,
     /// and each input is rounded as it is packed.
     bf16: bool,
+}
+
+/// The panels' values: f32, or for a layer in bf16 arithmetic their bf16 bits (exact:
+/// the weight is rounded to bf16 anyway), half the memory, widened to f32 a task's
+/// share at a time into scratch that the tiles read as they read f32 panels.
+#[derive(Debug)]
+enum Panels {
+    F32(Aligned),
+    Bf16(Vec<u16>),
+}
+
+/// Writes w (n, k) into `panels` (see [`Packed`]) as `from` converts each value; the
+/// padding past n keeps what `panels` held (zeros).
+fn fill_panels<T: Send>(panels: &mut [T], w: &[f32], k: usize, from: impl Fn(f32) -> T + Sync) {
+    // panel by panel on rayon's threads (loading a model packs GBs), each written in
+    // order while its 32 rows of w are read side by side
+    panels
+        .par_chunks_mut(k * PANEL)
+        .zip(w.par_chunks(k * PANEL))
+        .for_each(|(panel, rows)| {
+            let count = rows.len() / k;
+            for (c, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
+                for (j, d) in dst[..count].iter_mut().enumerate() {
+                    *d = from(rows[j * k + c]);
+                }
+            }
+        });
+}
+
+impl Packed {
+    /// Rows `rows` of panel `panel` (`rows.len()` x 32 values) as f32: in place for
+    /// f32 panels, else widened into `scratch`, which the pointer then points into.
+    fn panel_rows(
+        &self,
+        panel: usize,
+        rows: std::ops::Range<usize>,
+        scratch: &mut [f32],
+    ) -> *const f32 {
+        let at = panel * PANEL * self.k + rows.start * PANEL;
+        let len = rows.len() * PANEL;
+        match &self.panels {
+            Panels::F32(p) => p.as_slice()[at..][..len].as_ptr(),
+            Panels::Bf16(p) => {
+                super::bf16_matmul::widen_bf16(&p[at..][..len], &mut scratch[..len]);
+                scratch.as_ptr()
+            }
+        }
+    }
+
+    /// Where the panels' value of `panel_rows`' first row starts in memory, for
+    /// prefetching, and how many cache lines that many rows take.
+    fn panel_lines(&self, panel: usize, rows: std::ops::Range<usize>) -> (*const i8, usize) {
+        let at = panel * PANEL * self.k + rows.start * PANEL;
+        let len = rows.len() * PANEL;
+        match &self.panels {
+            Panels::F32(p) => (p.as_slice()[at..].as_ptr() as *const i8, len * 4 / 64),
+            Panels::Bf16(p) => (p[at..].as_ptr() as *const i8, len * 2 / 64),
+        }
+    }
+
+    /// Scratch a task needs to widen `values` panel values (none for f32 panels).
+    fn widened(&self, values: usize) -> usize {
+        match self.panels {
+            Panels::F32(_) => 0,
+            Panels::Bf16(_) => values,
+        }
+    }
 }
 
 impl PackedLinear {
@@ -138,21 +205,15 @@ impl PackedLinear {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let mut panels = Aligned::zeros(np * k);
-        // panel by panel on rayon's threads (loading a model packs GBs), each written
-        // in order while its 32 rows of w are read side by side
-        panels
-            .as_mut_slice()
-            .par_chunks_mut(k * PANEL)
-            .zip(w.par_chunks(k * PANEL))
-            .for_each(|(panel, rows)| {
-                let count = rows.len() / k;
-                for (c, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
-                    for (j, d) in dst[..count].iter_mut().enumerate() {
-                        *d = rounded(rows[j * k + c], bf16);
-                    }
-                }
-            });
+        let panels = if bf16 {
+            let mut panels = vec![0u16; np * k];
+            fill_panels(&mut panels, &w, k, super::bf16_matmul::bf16_bits);
+            Panels::Bf16(panels)
+        } else {
+            let mut panels = Aligned::zeros(np * k);
+            fill_panels(panels.as_mut_slice(), &w, k, |v| v);
+            Panels::F32(panels)
+        };
         let mut padded = vec![0f32; np];
         if let Some(b) = bias {
             let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -427,39 +488,39 @@ mod kernel {
             .step_by(DEPTH)
             .flat_map(|d0| outputs.clone().step_by(PANEL).map(move |j| (d0, j)))
             .collect();
-        let slice_at =
-            |(d0, j): (usize, usize)| p.panels.as_slice().as_ptr().add(j * k + d0 * PANEL);
-        let lines = |d0: usize| DEPTH.min(k - d0) * PANEL * 4 / 64;
+        let depths = |d0: usize| d0..(d0 + DEPTH).min(k);
         let tiles = rows.len().div_ceil(ROWS);
-        for (s, &(d0, j)) in slices.iter().enumerate() {
-            let depth = DEPTH.min(k - d0);
-            let panel = slice_at((d0, j));
-            let start = if d0 == 0 {
-                Start::ColumnBias(p.bias.as_ptr().add(j))
-            } else {
-                Start::Output
-            };
-            let cols = PANEL.min(outputs.end - j);
-            let next = slices.get(s + 1).map(|&n| (slice_at(n), lines(n.0)));
-            for (t, r) in rows.clone().step_by(ROWS).enumerate() {
-                if let Some((next, lines)) = next {
-                    let share = lines.div_ceil(tiles);
-                    for line in (t * share..((t + 1) * share).min(lines)).map(|l| l * 16) {
-                        _mm_prefetch::<_MM_HINT_T1>(next.add(line) as *const i8);
+        with_scratch(p.widened(DEPTH * PANEL), |wide| {
+            for (s, &(d0, j)) in slices.iter().enumerate() {
+                let depth = DEPTH.min(k - d0);
+                let panel = p.panel_rows(j / PANEL, depths(d0), wide);
+                let start = if d0 == 0 {
+                    Start::ColumnBias(p.bias.as_ptr().add(j))
+                } else {
+                    Start::Output
+                };
+                let cols = PANEL.min(outputs.end - j);
+                let next = slices.get(s + 1).map(|&(d1, j1)| p.panel_lines(j1 / PANEL, depths(d1)));
+                for (t, r) in rows.clone().step_by(ROWS).enumerate() {
+                    if let Some((next, lines)) = next {
+                        let share = lines.div_ceil(tiles);
+                        for line in (t * share..((t + 1) * share).min(lines)).map(|l| l * 64) {
+                            _mm_prefetch::<_MM_HINT_T1>(next.add(line));
+                        }
                     }
+                    T::tile::<ROWS, 2>(
+                        depth,
+                        a.as_ptr().add(r * k + d0 * ROWS),
+                        ROWS,
+                        panel,
+                        out.add(r * p.n + j),
+                        p.n,
+                        (ROWS.min(rows.end - r), cols),
+                        start,
+                    );
                 }
-                T::tile::<ROWS, 2>(
-                    depth,
-                    a.as_ptr().add(r * k + d0 * ROWS),
-                    ROWS,
-                    panel,
-                    out.add(r * p.n + j),
-                    p.n,
-                    (ROWS.min(rows.end - r), cols),
-                    start,
-                );
             }
-        }
+        })
     }
     }
 
@@ -469,85 +530,93 @@ mod kernel {
     pub(super) unsafe fn pixels<T>(p: &Packed, task: &PixelTask, out: *mut f32) {
         let (k, plane) = (p.k, task.plane);
         let chunk = depth_chunk(k, task.outputs.len());
-        with_scratch(BLOCK_PIXELS.div_ceil(PIXELS) * PIXELS * DEPTH, |b| {
-            for (c0, q0) in (0..k).step_by(chunk).flat_map(|c0| {
-                task.pixels
-                    .clone()
-                    .step_by(BLOCK_PIXELS)
-                    .map(move |q0| (c0, q0))
-            }) {
-                let len = BLOCK_PIXELS.min(task.pixels.end - q0);
-                let tiles = len.div_ceil(PIXELS);
-                for d0 in (c0..k.min(c0 + chunk)).step_by(DEPTH) {
-                    let depth = DEPTH.min(k - d0);
-                    if task.packed.is_none() {
-                        for (t, tile) in b.chunks_exact_mut(depth * PIXELS).take(tiles).enumerate()
-                        {
-                            pack_pixel_tile(
-                                &task.x[d0 * plane..(d0 + depth) * plane],
-                                plane,
-                                q0 + t * PIXELS,
-                                tile,
-                                p.bf16,
-                            );
-                        }
-                    }
-                    // the block's channels d0.. as tiles of PIXELS columns (or the
-                    // call's packed tiles, read in place)
-                    let tile_at = |t: usize| match task.packed {
-                        Some(packed) => packed
-                            .as_ptr()
-                            .add(((q0 + t * PIXELS) / PIXELS * k + d0) * PIXELS),
-                        None => b.as_ptr().add(t * depth * PIXELS),
-                    };
-                    // each pixel tile (48 x depth, 24 KiB) stays in L1 while the
-                    // task's weights stream past it from L2
-                    let lines = depth * PIXELS / 16;
-                    let share = lines.div_ceil(task.outputs.len().div_ceil(OUTPUTS));
-                    for t in 0..tiles {
-                        let first = t * PIXELS;
-                        // the shared tiles come from L3: the next one is fetched into
-                        // L1 a share per tile while this one runs (as the task's own
-                        // packing would have brought it)
-                        let next = (task.packed.is_some() && t + 1 < tiles).then(|| tile_at(t + 1));
-                        for (g, j) in task.outputs.clone().step_by(OUTPUTS).enumerate() {
-                            if let Some(next) = next {
-                                for line in
-                                    (g * share..((g + 1) * share).min(lines)).map(|l| l * 16)
-                                {
-                                    _mm_prefetch::<_MM_HINT_T0>(next.add(line) as *const i8);
-                                }
+        let pixel_len = BLOCK_PIXELS.div_ceil(PIXELS) * PIXELS * DEPTH;
+        let first_panel = task.outputs.start / PANEL;
+        let panels = task.outputs.len().div_ceil(PANEL);
+        with_scratch(pixel_len + p.widened(panels * chunk * PANEL), |s| {
+            let (b, wide) = s.split_at_mut(pixel_len);
+            for c0 in (0..k).step_by(chunk) {
+                // the task's weights over this chunk of the depth, read for every block of
+                // pixels (widened once here where the panels are bf16)
+                let depths = c0..(c0 + chunk).min(k);
+                let bases: Vec<*const f32> = (0..panels)
+                    .map(|i| {
+                        let scratch = wide.get_mut(i * depths.len() * PANEL..).unwrap_or_default();
+                        p.panel_rows(first_panel + i, depths.clone(), scratch)
+                    })
+                    .collect();
+                for q0 in task.pixels.clone().step_by(BLOCK_PIXELS) {
+                    let len = BLOCK_PIXELS.min(task.pixels.end - q0);
+                    let tiles = len.div_ceil(PIXELS);
+                    for d0 in (c0..k.min(c0 + chunk)).step_by(DEPTH) {
+                        let depth = DEPTH.min(k - d0);
+                        if task.packed.is_none() {
+                            let tiles_of_b = b.chunks_exact_mut(depth * PIXELS).take(tiles);
+                            for (t, tile) in tiles_of_b.enumerate() {
+                                pack_pixel_tile(
+                                    &task.x[d0 * plane..(d0 + depth) * plane],
+                                    plane,
+                                    q0 + t * PIXELS,
+                                    tile,
+                                    p.bf16,
+                                );
                             }
-                            // a quarter of panel j / 32, read 32 apart
-                            let weights = p
-                                .panels
-                                .as_slice()
+                        }
+                        // the block's channels d0.. as tiles of PIXELS columns (or the
+                        // call's packed tiles, read in place)
+                        let tile_at = |t: usize| match task.packed {
+                            Some(packed) => packed
                                 .as_ptr()
-                                .add((j / PANEL) * PANEL * k + d0 * PANEL + j % PANEL);
-                            let start = if d0 == 0 {
-                                Start::RowBias(p.bias.as_ptr().add(j))
-                            } else {
-                                Start::Output
-                            };
-                            T::tile::<OUTPUTS, 3>(
-                                depth,
-                                weights,
-                                PANEL,
-                                tile_at(t),
-                                out.add(j * plane + q0 + first),
-                                plane,
-                                (OUTPUTS.min(task.outputs.end - j), PIXELS.min(len - first)),
-                                start,
-                            );
-                            if task.gelu && d0 + depth == k {
-                                let cols = PIXELS.min(len - first);
-                                for r in j..(j + OUTPUTS).min(task.outputs.end) {
-                                    // SAFETY: this task's own outputs, just written
-                                    let row = std::slice::from_raw_parts_mut(
-                                        out.add(r * plane + q0 + first),
-                                        cols,
-                                    );
-                                    super::super::gelu::gelu_in_place(row);
+                                .add(((q0 + t * PIXELS) / PIXELS * k + d0) * PIXELS),
+                            None => b.as_ptr().add(t * depth * PIXELS),
+                        };
+                        // each pixel tile (48 x depth, 24 KiB) stays in L1 while the
+                        // task's weights stream past it from L2
+                        let lines = depth * PIXELS / 16;
+                        let share = lines.div_ceil(task.outputs.len().div_ceil(OUTPUTS));
+                        for t in 0..tiles {
+                            let first = t * PIXELS;
+                            // the shared tiles come from L3: the next one is fetched into
+                            // L1 a share per tile while this one runs (as the task's own
+                            // packing would have brought it)
+                            let next =
+                                (task.packed.is_some() && t + 1 < tiles).then(|| tile_at(t + 1));
+                            for (g, j) in task.outputs.clone().step_by(OUTPUTS).enumerate() {
+                                if let Some(next) = next {
+                                    for line in
+                                        (g * share..((g + 1) * share).min(lines)).map(|l| l * 16)
+                                    {
+                                        _mm_prefetch::<_MM_HINT_T0>(next.add(line) as *const i8);
+                                    }
+                                }
+                                // a quarter of panel j / 32, read 32 apart
+                                let weights = bases[j / PANEL - first_panel]
+                                    .add((d0 - c0) * PANEL + j % PANEL);
+                                let start = if d0 == 0 {
+                                    Start::RowBias(p.bias.as_ptr().add(j))
+                                } else {
+                                    Start::Output
+                                };
+                                T::tile::<OUTPUTS, 3>(
+                                    depth,
+                                    weights,
+                                    PANEL,
+                                    tile_at(t),
+                                    out.add(j * plane + q0 + first),
+                                    plane,
+                                    (OUTPUTS.min(task.outputs.end - j), PIXELS.min(len - first)),
+                                    start,
+                                );
+                                if task.gelu && d0 + depth == k {
+                                    let cols = PIXELS.min(len - first);
+                                    for r in j..(j + OUTPUTS).min(task.outputs.end) {
+                                        // SAFETY: this task's own outputs, just written
+                                        let row = std::slice::from_raw_parts_mut(
+                                            out.add(r * plane + q0 + first),
+                                            cols,
+                                        );
+                                        super::super::gelu::gelu_in_place(row);
+                                    }
                                 }
                             }
                         }
