@@ -235,11 +235,11 @@ pub fn conv_transpose2d(
 ) -> Result<ConvTranspose2d> {
     let conv = candle_nn::conv_transpose2d(c_in, c_out, kernel, cfg, vb)?;
     // bf16 models on the CPU keep f32 activations and give their transposed convs f32
-    // weights, so these take our f32 kernel too
-    let kind = linear_kind::building();
-    let packed = if (kind == LinearKind::PackedF32
-        || (kind == LinearKind::Bf16 && crate::kernels::packed_linear::available()))
-        && cfg.dilation == 1
+    // weights, so these take our f32 kernel too (`new` declines where it cannot run)
+    let packed = if matches!(
+        linear_kind::building(),
+        LinearKind::PackedF32 | LinearKind::Bf16
+    ) && cfg.dilation == 1
         && cfg.output_padding == 0
     {
         PackedConvTranspose::new(conv.weight(), conv.bias(), cfg.stride, cfg.padding)?

@@ -145,8 +145,7 @@ impl Packed {
         rows: std::ops::Range<usize>,
         scratch: &mut [f32],
     ) -> *const f32 {
-        let at = panel * PANEL * self.k + rows.start * PANEL;
-        let len = rows.len() * PANEL;
+        let (at, len) = self.span(panel, rows);
         match &self.panels {
             Panels::F32(p) => p.as_slice()[at..][..len].as_ptr(),
             Panels::Bf16(p) => {
@@ -159,12 +158,20 @@ impl Packed {
     /// Where the panels' value of `panel_rows`' first row starts in memory, for
     /// prefetching, and how many cache lines that many rows take.
     fn panel_lines(&self, panel: usize, rows: std::ops::Range<usize>) -> (*const i8, usize) {
-        let at = panel * PANEL * self.k + rows.start * PANEL;
-        let len = rows.len() * PANEL;
+        let (at, len) = self.span(panel, rows);
         match &self.panels {
             Panels::F32(p) => (p.as_slice()[at..].as_ptr() as *const i8, len * 4 / 64),
             Panels::Bf16(p) => (p[at..].as_ptr() as *const i8, len * 2 / 64),
         }
+    }
+
+    /// Where rows `rows` of panel `panel` start among the panels' values, and how many
+    /// values they are.
+    fn span(&self, panel: usize, rows: std::ops::Range<usize>) -> (usize, usize) {
+        (
+            panel * PANEL * self.k + rows.start * PANEL,
+            rows.len() * PANEL,
+        )
     }
 
     /// Scratch a task needs to widen `values` panel values (none for f32 panels).
@@ -392,16 +399,8 @@ impl CustomOp1 for PanelMatmul<'_> {
                     )
                 }
                 if self.gelu {
-                    for r in rows {
-                        // SAFETY: this task's outputs of row r, written just above
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                dst.get().add(r * p.n + outputs.start),
-                                outputs.len(),
-                            )
-                        };
-                        super::gelu::gelu_in_place(row);
-                    }
+                    // SAFETY: this task's rows x outputs, written just above
+                    unsafe { gelu_block(dst.get(), rows, p.n, outputs.start, outputs.len()) }
                 }
             });
         }
@@ -447,6 +446,24 @@ fn pack_pixel_tile(x: &[f32], plane: usize, first: usize, tile: &mut [f32], bf16
             }
             dst[count..].fill(0.0);
         }
+    }
+}
+
+/// GELU in place on `rows` of a row-major output whose rows are `stride` long, on
+/// `cols` values from column `first` of each: a task's block, as it finishes it.
+///
+/// # Safety
+/// The block lies inside the output, and no other thread touches it meanwhile.
+unsafe fn gelu_block(
+    out: *mut f32,
+    rows: std::ops::Range<usize>,
+    stride: usize,
+    first: usize,
+    cols: usize,
+) {
+    for r in rows {
+        let row = std::slice::from_raw_parts_mut(out.add(r * stride + first), cols);
+        super::gelu::gelu_in_place(row);
     }
 }
 
@@ -608,15 +625,14 @@ mod kernel {
                                     start,
                                 );
                                 if task.gelu && d0 + depth == k {
-                                    let cols = PIXELS.min(len - first);
-                                    for r in j..(j + OUTPUTS).min(task.outputs.end) {
-                                        // SAFETY: this task's own outputs, just written
-                                        let row = std::slice::from_raw_parts_mut(
-                                            out.add(r * plane + q0 + first),
-                                            cols,
-                                        );
-                                        super::super::gelu::gelu_in_place(row);
-                                    }
+                                    // this task's own outputs, just written
+                                    gelu_block(
+                                        out,
+                                        j..(j + OUTPUTS).min(task.outputs.end),
+                                        plane,
+                                        q0 + first,
+                                        PIXELS.min(len - first),
+                                    );
                                 }
                             }
                         }
