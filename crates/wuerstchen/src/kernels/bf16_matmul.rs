@@ -10,8 +10,10 @@
 //! Models get these layers when they are built as [`LinearKind::Bf16`](super::linear_kind)
 //! (`WeightFiles::build` does so for bf16 on the CPU). The weight is converted once,
 //! at build time, into the tile layout (half the bytes of f32). A CPU without AMX gets
-//! the same arithmetic, bf16-rounded operands summed in f32, from our f32 kernel
-//! ([`PackedLinear::rounded_to_bf16`]) or, without AVX2 either, from candle's gemm.
+//! the same arithmetic, bf16-rounded operands summed in f32, from our packed kernel
+//! ([`PackedLinear::rounded_to_bf16`]: AVX512-BF16's `vdpbf16ps` on pairs of bf16
+//! where the CPU has it, else the f32 tile) or, without AVX2 either, from candle's
+//! gemm.
 
 use std::sync::{Arc, OnceLock};
 
@@ -38,7 +40,7 @@ enum Weight {
         packed: Packed,
         bias: Option<Vec<f32>>,
     },
-    /// No AMX: our f32 kernel, rounding both operands to bf16 as it packs them.
+    /// No AMX: our packed kernel, rounding both operands to bf16 as it packs them.
     Packed(PackedLinear),
     /// Neither AMX nor our f32 kernel: candle's layer on the bf16-rounded weight, fed
     /// bf16-rounded inputs.

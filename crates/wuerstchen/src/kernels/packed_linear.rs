@@ -24,7 +24,10 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, linear_output_dims, unsupported, with_scratch, Aligned, Isa, SendPtr};
+use super::{
+    contiguous_f32, linear_output_dims, simd_dispatch, unsupported, with_scratch, Aligned, Isa,
+    SendPtr,
+};
 
 /// Outputs per weight panel: two AVX-512 vectors (four of AVX2).
 const PANEL: usize = 32;
@@ -110,12 +113,45 @@ struct Packed {
 }
 
 /// The panels' values: f32, or for a layer in bf16 arithmetic their bf16 bits (exact:
-/// the weight is rounded to bf16 anyway), half the memory, widened to f32 a task's
-/// share at a time into scratch that the tiles read as they read f32 panels.
+/// the weight is rounded to bf16 anyway), half the memory, either
+/// - `Bf16`: in the f32 layout, widened to f32 a task's share at a time into scratch
+///   that the tiles read as they read f32 panels, or
+/// - `Pairs`: where the CPU multiplies bf16 pairs ([`Bf16Pairs`](super::tile)), as
+///   words of two inputs' values of an output (input 2 w in the lower half, 2 w + 1,
+///   or zero past k, in the upper), laid out as f32 panels of `k.div_ceil(2)` rows
+///   and read by the pair tile in place. The inputs are packed into such words too.
 #[derive(Debug)]
 enum Panels {
     F32(Aligned),
     Bf16(Vec<u16>),
+    Pairs(Aligned),
+}
+
+/// Which arithmetic and panels [`PackedLinear::build`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    F32,
+    /// bf16 on the f32 tile: `Panels::Bf16`.
+    Bf16Widened,
+    /// bf16 on the pair tile: `Panels::Pairs`.
+    Bf16Pairs,
+}
+
+/// Whether this CPU multiplies bf16 pairs on the tile (AVX512-BF16).
+fn pairs_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::tile::pairs_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Two values as the bits of a word of bf16 pairs (see [`Panels`]), held as an f32.
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> f32 {
+    use super::bf16_matmul::bf16_bits;
+    f32::from_bits(bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16)
 }
 
 /// Writes w (n, k) into `panels` (see [`Packed`]) as `from` converts each value; the
@@ -137,6 +173,29 @@ fn fill_panels<T: Send>(panels: &mut [T], w: &[f32], k: usize, from: impl Fn(f32
 }
 
 impl Packed {
+    /// Rows of the panels and of the packed inputs: k values, or k / 2 words of bf16
+    /// pairs (rounded up). The kernels count the depth in these.
+    fn words(&self) -> usize {
+        match self.panels {
+            Panels::Pairs(_) => self.k.div_ceil(2),
+            _ => self.k,
+        }
+    }
+
+    /// The tile the products run on where the CPU's f32 set is `isa`.
+    #[cfg(target_arch = "x86_64")]
+    fn tiles(&self, isa: Isa) -> super::tile::Tiles {
+        match self.panels {
+            Panels::Pairs(_) => super::tile::Tiles::Bf16Pairs,
+            _ => super::tile::Tiles::F32(isa),
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn tiles(&self, isa: Isa) -> Isa {
+        isa
+    }
+
     /// Rows `rows` of panel `panel` (`rows.len()` x 32 values) as f32: in place for
     /// f32 panels, else widened into `scratch`, which the pointer then points into.
     fn panel_rows(
@@ -147,7 +206,7 @@ impl Packed {
     ) -> *const f32 {
         let (at, len) = self.span(panel, rows);
         match &self.panels {
-            Panels::F32(p) => p.as_slice()[at..][..len].as_ptr(),
+            Panels::F32(p) | Panels::Pairs(p) => p.as_slice()[at..][..len].as_ptr(),
             Panels::Bf16(p) => {
                 super::bf16_matmul::widen_bf16(&p[at..][..len], &mut scratch[..len]);
                 scratch.as_ptr()
@@ -160,7 +219,9 @@ impl Packed {
     fn panel_lines(&self, panel: usize, rows: std::ops::Range<usize>) -> (*const i8, usize) {
         let (at, len) = self.span(panel, rows);
         match &self.panels {
-            Panels::F32(p) => (p.as_slice()[at..].as_ptr() as *const i8, len * 4 / 64),
+            Panels::F32(p) | Panels::Pairs(p) => {
+                (p.as_slice()[at..].as_ptr() as *const i8, len * 4 / 64)
+            }
             Panels::Bf16(p) => (p[at..].as_ptr() as *const i8, len * 2 / 64),
         }
     }
@@ -169,7 +230,7 @@ impl Packed {
     /// values they are.
     fn span(&self, panel: usize, rows: std::ops::Range<usize>) -> (usize, usize) {
         (
-            panel * PANEL * self.k + rows.start * PANEL,
+            panel * PANEL * self.words() + rows.start * PANEL,
             rows.len() * PANEL,
         )
     }
@@ -177,8 +238,43 @@ impl Packed {
     /// Scratch a task needs to widen `values` panel values (none for f32 panels).
     fn widened(&self, values: usize) -> usize {
         match self.panels {
-            Panels::F32(_) => 0,
+            Panels::F32(_) | Panels::Pairs(_) => 0,
             Panels::Bf16(_) => values,
+        }
+    }
+
+    /// Up to [`ROWS`] rows of the input (k values each) as a row tile of `words()`
+    /// rows: word w of row i at `w * ROWS + i`, rounded to bf16 for a layer in bf16.
+    fn pack_rows(&self, rows: &[f32], tile: &mut [f32]) {
+        for (i, row) in rows.chunks_exact(self.k).enumerate() {
+            if let Panels::Pairs(_) = self.panels {
+                for (w, two) in row.chunks(2).enumerate() {
+                    tile[w * ROWS + i] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+                }
+            } else {
+                for (c, &v) in row.iter().enumerate() {
+                    tile[c * ROWS + i] = rounded(v, self.bf16);
+                }
+            }
+        }
+    }
+
+    /// Pixels `first..first + PIXELS` of one image x (k, plane) as a pixel tile of the
+    /// rows `words` (see [`Self::words`]): `words.len()` x PIXELS, zero past the plane.
+    fn pack_pixels(
+        &self,
+        x: &[f32],
+        plane: usize,
+        first: usize,
+        words: std::ops::Range<usize>,
+        tile: &mut [f32],
+    ) {
+        if let Panels::Pairs(_) = self.panels {
+            let channels = &x[2 * words.start * plane..(2 * words.end).min(self.k) * plane];
+            pack_pixel_pairs(channels, plane, first, tile);
+        } else {
+            let channels = &x[words.start * plane..words.end * plane];
+            pack_pixel_tile(channels, plane, first, tile, self.bf16);
         }
     }
 }
@@ -187,19 +283,24 @@ impl PackedLinear {
     /// From a PyTorch-layout weight (out, in) and a bias (out), of any float dtype.
     /// Only where [`available`] says yes.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        Self::build(weight, bias, false)
+        Self::build(weight, bias, Form::F32)
     }
 
     /// The layer in bf16 arithmetic, as [`Bf16Linear`](super::bf16_matmul) computes
     /// it: both operands of every product rounded to bf16, the sums in f32. For CPUs
-    /// without AMX, where this kernel is faster than a bf16 one would be (no bf16
-    /// products, or emulated), and rounding the inputs costs nothing extra: they are
-    /// rounded while they are packed anyway.
+    /// without AMX: on the pair tile where the CPU has AVX512-BF16, else on the f32
+    /// tile (no bf16 products, or emulated), where rounding the inputs costs nothing
+    /// extra: they are rounded while they are packed anyway.
     pub fn rounded_to_bf16(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        Self::build(weight, bias, true)
+        let form = if pairs_available() {
+            Form::Bf16Pairs
+        } else {
+            Form::Bf16Widened
+        };
+        Self::build(weight, bias, form)
     }
 
-    fn build(weight: &Tensor, bias: Option<&Tensor>, bf16: bool) -> Result<Self> {
+    fn build(weight: &Tensor, bias: Option<&Tensor>, form: Form) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         if k == 0 || n == 0 {
             candle_core::bail!(
@@ -212,14 +313,31 @@ impl PackedLinear {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let panels = if bf16 {
-            let mut panels = vec![0u16; np * k];
-            fill_panels(&mut panels, &w, k, super::bf16_matmul::bf16_bits);
-            Panels::Bf16(panels)
-        } else {
-            let mut panels = Aligned::zeros(np * k);
-            fill_panels(panels.as_mut_slice(), &w, k, |v| v);
-            Panels::F32(panels)
+        let panels = match form {
+            Form::Bf16Widened => {
+                let mut panels = vec![0u16; np * k];
+                fill_panels(&mut panels, &w, k, super::bf16_matmul::bf16_bits);
+                Panels::Bf16(panels)
+            }
+            Form::F32 => {
+                let mut panels = Aligned::zeros(np * k);
+                fill_panels(panels.as_mut_slice(), &w, k, |v| v);
+                Panels::F32(panels)
+            }
+            Form::Bf16Pairs => {
+                // the rows of w as words of pairs (zero past k), then as f32 panels
+                let words = k.div_ceil(2);
+                let paired: Vec<f32> = w
+                    .par_chunks(k)
+                    .flat_map_iter(|row| {
+                        row.chunks(2)
+                            .map(|two| pair(two[0], two.get(1).copied().unwrap_or(0.0)))
+                    })
+                    .collect();
+                let mut panels = Aligned::zeros(np * words);
+                fill_panels(panels.as_mut_slice(), &paired, words, |v| v);
+                Panels::Pairs(panels)
+            }
         };
         let mut padded = vec![0f32; np];
         if let Some(b) = bias {
@@ -234,7 +352,7 @@ impl PackedLinear {
             bias: padded,
             n,
             k,
-            bf16,
+            bf16: form != Form::F32,
         })))
     }
 
@@ -328,19 +446,19 @@ impl CustomOp1 for PanelMatmul<'_> {
             let per_image = n_tasks * p_tasks;
             let tiles = plane.div_ceil(PIXELS);
             // one image's input as pixel tiles (padded to whole tiles)
-            let image_tiles = tiles * p.k * PIXELS;
+            let image_tiles = tiles * p.words() * PIXELS;
             let shared = (images * image_tiles * 4 <= self.shared_pixels_bytes).then(|| {
                 // each image's pixels as tiles of PIXELS columns for every task:
                 // tile t, input d, pixel q at t * k * PIXELS + d * PIXELS + q
                 let mut packed = Aligned::zeros(images * image_tiles);
                 packed
                     .as_mut_slice()
-                    .par_chunks_mut(p.k * PIXELS)
+                    .par_chunks_mut(p.words() * PIXELS)
                     .enumerate()
                     .for_each(|(i, tile)| {
                         let (image, first) = (i / tiles, i % tiles * PIXELS);
                         let x = &x[image * p.k * plane..][..p.k * plane];
-                        pack_pixel_tile(x, plane, first, tile, p.bf16);
+                        p.pack_pixels(x, plane, first, 0..p.words(), tile);
                     });
                 packed
             });
@@ -361,23 +479,20 @@ impl CustomOp1 for PanelMatmul<'_> {
                 };
                 // SAFETY: PackedLinear exists only where available() said yes; each
                 // task writes only its outputs x pixels of its image, inside `out`.
-                unsafe { kernel::pixels(isa, p, &task, dst.get().add(image * p.n * plane)) }
+                unsafe {
+                    kernel::pixels(p.tiles(isa), p, &task, dst.get().add(image * p.n * plane))
+                }
             });
         } else {
             let m = x.len() / p.k;
             // the rows as tiles of ROWS, packed once for every task that reads them:
-            // row r, input c at (r / ROWS) * k * ROWS + c * ROWS + r % ROWS, zero past m
-            let mut a = Aligned::zeros(m.div_ceil(ROWS) * ROWS * p.k);
+            // row r, word w (an input, or a pair) at (r / ROWS) * words * ROWS + w * ROWS
+            // + r % ROWS, zero past m
+            let mut a = Aligned::zeros(m.div_ceil(ROWS) * ROWS * p.words());
             a.as_mut_slice()
-                .par_chunks_mut(ROWS * p.k)
+                .par_chunks_mut(ROWS * p.words())
                 .zip(x.par_chunks(ROWS * p.k))
-                .for_each(|(tile, rows)| {
-                    for (i, row) in rows.chunks_exact(p.k).enumerate() {
-                        for (c, &v) in row.iter().enumerate() {
-                            tile[c * ROWS + i] = rounded(v, p.bf16);
-                        }
-                    }
-                });
+                .for_each(|(tile, rows)| p.pack_rows(rows, tile));
             let m_tasks = m.div_ceil(TASK_ROWS);
             let task_rows = m.div_ceil(m_tasks).div_ceil(ROWS) * ROWS;
             let n_tasks = p.n.div_ceil(TASK_OUTPUTS);
@@ -390,7 +505,7 @@ impl CustomOp1 for PanelMatmul<'_> {
                 // SAFETY: as above; each task writes only its rows x outputs of `out`.
                 unsafe {
                     kernel::rows(
-                        isa,
+                        p.tiles(isa),
                         p,
                         a.as_slice(),
                         rows.clone(),
@@ -449,6 +564,28 @@ fn pack_pixel_tile(x: &[f32], plane: usize, first: usize, tile: &mut [f32], bf16
     }
 }
 
+simd_dispatch! {
+    // pixels `first..first + PIXELS` of the channels of `x` (channels x plane) as
+    // words of bf16 pairs of consecutive channels (zero past the last one): a pixel
+    // tile of channels.div_ceil(2) x PIXELS words, zero past the plane's end
+    fn pack_pixel_pairs(x: &[f32], plane: usize, first: usize, tile: &mut [f32]) {
+        const ZEROS: [f32; PIXELS] = [0.0; PIXELS];
+        let count = PIXELS.min(plane - first);
+        for (two, dst) in x.chunks(2 * plane).zip(tile.chunks_exact_mut(PIXELS)) {
+            let lo = &two[first..][..count];
+            let hi = if two.len() > plane {
+                &two[plane + first..][..count]
+            } else {
+                &ZEROS[..count]
+            };
+            for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                *d = pair(l, h);
+            }
+            dst[count..].fill(0.0);
+        }
+    }
+}
+
 /// GELU in place on `rows` of a row-major output whose rows are `stride` long, on
 /// `cols` values from column `first` of each: a task's block, as it finishes it.
 ///
@@ -486,7 +623,7 @@ mod kernel {
     use super::super::tile::{tile_kernel, Start};
     use super::*;
 
-    tile_kernel! {
+    tile_kernel! { pairs
     /// Token layout: `out[rows, outputs] = x[rows] w[outputs]^T + b`, with `a` all
     /// rows packed as tiles and `out` the whole (m, n) output.
     pub(super) unsafe fn rows<T>(
@@ -496,7 +633,8 @@ mod kernel {
         outputs: std::ops::Range<usize>,
         out: *mut f32,
     ) {
-        let k = p.k;
+        // the depth in rows of the packed operands (inputs, or pairs of them)
+        let k = p.words();
         // the (depth block, panel) slices in the order they are read; while the tiles
         // run over one, the next is fetched into L2 a share per tile, so the first tile
         // of a slice does not wait on memory (the weights are read once per call: 2.6
@@ -541,11 +679,12 @@ mod kernel {
     }
     }
 
-    tile_kernel! {
+    tile_kernel! { pairs
     /// Channels-first: `out[outputs, pixels] = w[outputs] x[:, pixels] + b` for one
     /// image, `out` its (n, plane) output.
     pub(super) unsafe fn pixels<T>(p: &Packed, task: &PixelTask, out: *mut f32) {
-        let (k, plane) = (p.k, task.plane);
+        // the depth in rows of the packed operands (inputs, or pairs of them)
+        let (k, plane) = (p.words(), task.plane);
         let chunk = depth_chunk(k, task.outputs.len());
         let pixel_len = BLOCK_PIXELS.div_ceil(PIXELS) * PIXELS * DEPTH;
         let first_panel = task.outputs.start / PANEL;
@@ -570,13 +709,8 @@ mod kernel {
                         if task.packed.is_none() {
                             let tiles_of_b = b.chunks_exact_mut(depth * PIXELS).take(tiles);
                             for (t, tile) in tiles_of_b.enumerate() {
-                                pack_pixel_tile(
-                                    &task.x[d0 * plane..(d0 + depth) * plane],
-                                    plane,
-                                    q0 + t * PIXELS,
-                                    tile,
-                                    p.bf16,
-                                );
+                                let first = q0 + t * PIXELS;
+                                p.pack_pixels(task.x, plane, first, d0..d0 + depth, tile);
                             }
                         }
                         // the block's channels d0.. as tiles of PIXELS columns (or the
@@ -691,6 +825,32 @@ mod tests {
         1e-6 * (k as f32).sqrt()
     }
 
+    /// Each form of the layer this CPU runs, with candle's output for it: in f32, and
+    /// in bf16 (the f32 product of the rounded operands) on the f32 tile and, where
+    /// the CPU has AVX512-BF16, on the pair tile.
+    fn forms(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        channels_first: bool,
+    ) -> Result<Vec<(Form, PackedLinear, Tensor)>> {
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let rounded = reference(&round(x)?, &round(w)?, b, channels_first)?;
+        let mut forms = vec![
+            (Form::F32, reference(x, w, b, channels_first)?),
+            (Form::Bf16Widened, rounded.clone()),
+        ];
+        if pairs_available() {
+            forms.push((Form::Bf16Pairs, rounded));
+        } else {
+            println!("no AVX512-BF16 on this CPU: the pair tile is not tested here");
+        }
+        forms
+            .into_iter()
+            .map(|(form, want)| Ok((form, PackedLinear::build(w, Some(b), form)?, want)))
+            .collect()
+    }
+
     #[test]
     fn packed_layer_equals_candles_in_both_layouts() -> Result<()> {
         if skip() {
@@ -706,16 +866,16 @@ mod tests {
         ] {
             let k = *dims.last().unwrap();
             let (x, w, b) = (random(dims, 1)?, random(&[n, k], 2)?, random(&[n], 3)?);
-            let layer = PackedLinear::new(&w, Some(&b))?;
-            let want = reference(&x, &w, &b, false)?;
-            for isa in Isa::supported() {
-                let got = isa.with(|| layer.forward(&x))?;
-                let d = max_diff(&got, &want)?;
-                assert!(d < tolerance(k), "{isa:?}, {dims:?} x {n}: {d}");
-                // GELU on each task's outputs: the GELU of the product, to the bit
-                let fused = isa.with(|| layer.forward_gelu(&x))?;
-                let separate = super::super::gelu::gelu(&got)?;
-                assert_eq!(max_diff(&fused, &separate)?, 0.0, "{isa:?} GELU");
+            for (form, layer, want) in forms(&x, &w, &b, false)? {
+                for isa in Isa::supported() {
+                    let got = isa.with(|| layer.forward(&x))?;
+                    let d = max_diff(&got, &want)?;
+                    assert!(d < tolerance(k), "{isa:?}, {form:?}, {dims:?} x {n}: {d}");
+                    // GELU on each task's outputs: the GELU of the product, to the bit
+                    let fused = isa.with(|| layer.forward_gelu(&x))?;
+                    let separate = super::super::gelu::gelu(&got)?;
+                    assert_eq!(max_diff(&fused, &separate)?, 0.0, "{isa:?} {form:?} GELU");
+                }
             }
         }
         for &(images, k, n, h, w_) in &[
@@ -731,35 +891,24 @@ mod tests {
         ] {
             let x = random(&[images, k, h, w_], 5)?;
             let (w, b) = (random(&[n, k], 6)?, random(&[n], 7)?);
-            // in f32, and in bf16 (the f32 product of the rounded operands)
-            let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
-            let f32 = (
-                PackedLinear::new(&w, Some(&b))?,
-                reference(&x, &w, &b, true)?,
-            );
-            let bf16 = (
-                PackedLinear::rounded_to_bf16(&w, Some(&b))?,
-                reference(&round(&x)?, &round(&w)?, &b, true)?,
-            );
             // the input packed once for all tasks, and by each task as it goes
-            let cases = Isa::supported().into_iter().flat_map(|isa| {
-                [SHARED_PIXELS_BYTES, 0]
-                    .into_iter()
-                    .flat_map(move |s| [(isa, s, false), (isa, s, true)])
-            });
-            for (isa, shared, rounded) in cases {
-                let (layer, want) = if rounded { &bf16 } else { &f32 };
+            let cases = Isa::supported()
+                .into_iter()
+                .flat_map(|isa| [(isa, SHARED_PIXELS_BYTES), (isa, 0)]);
+            let forms = forms(&x, &w, &b, true)?;
+            for ((isa, shared), (form, layer, want)) in
+                cases.flat_map(|c| forms.iter().map(move |f| (c, f)))
+            {
                 let got = isa.with(|| layer.product_sharing(&x, true, false, shared))?;
                 let d = max_diff(&got, want)?;
                 assert!(
                     d < tolerance(k),
-                    "{isa:?}, ({images}, {k}, {h}, {w_}) -> {n}, {shared}, {:?}: {d}",
-                    layer.0.bf16
+                    "{isa:?}, ({images}, {k}, {h}, {w_}) -> {n}, {shared}, {form:?}: {d}"
                 );
                 // GELU on each finished tile: the GELU of the product, to the bit
                 let fused = isa.with(|| layer.product_sharing(&x, true, true, shared))?;
                 let separate = super::super::gelu::gelu(&got)?;
-                assert_eq!(max_diff(&fused, &separate)?, 0.0, "{isa:?} GELU");
+                assert_eq!(max_diff(&fused, &separate)?, 0.0, "{isa:?} {form:?} GELU");
             }
         }
         Ok(())
