@@ -137,14 +137,22 @@ enum Form {
     Bf16Pairs,
 }
 
-/// Whether this CPU multiplies bf16 pairs on the tile (AVX512-BF16).
-fn pairs_available() -> bool {
+/// Whether this CPU multiplies bf16 pairs on the tile (AVX512-BF16): `pay`, where
+/// that is faster than the f32 tile, else wherever it can.
+fn pairs_available(pay: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        super::tile::pairs_available()
+        if pay {
+            super::tile::pairs_pay()
+        } else {
+            super::tile::pairs_supported()
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    {
+        let _ = pay;
+        false
+    }
 }
 
 /// Two values as the bits of a word of bf16 pairs (see [`Panels`]), held as an f32.
@@ -288,11 +296,11 @@ impl PackedLinear {
 
     /// The layer in bf16 arithmetic, as [`Bf16Linear`](super::bf16_matmul) computes
     /// it: both operands of every product rounded to bf16, the sums in f32. For CPUs
-    /// without AMX: on the pair tile where the CPU has AVX512-BF16, else on the f32
-    /// tile (no bf16 products, or emulated), where rounding the inputs costs nothing
-    /// extra: they are rounded while they are packed anyway.
+    /// without AMX: on the pair tile where the CPU's AVX512-BF16 is faster than f32
+    /// (AMD's), else on the f32 tile (no bf16 products, or slow ones), where rounding
+    /// the inputs costs nothing extra: they are rounded while they are packed anyway.
     pub fn rounded_to_bf16(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        let form = if pairs_available() {
+        let form = if pairs_available(true) {
             Form::Bf16Pairs
         } else {
             Form::Bf16Widened
@@ -840,7 +848,7 @@ mod tests {
             (Form::F32, reference(x, w, b, channels_first)?),
             (Form::Bf16Widened, rounded.clone()),
         ];
-        if pairs_available() {
+        if pairs_available(false) {
             forms.push((Form::Bf16Pairs, rounded));
         } else {
             println!("no AVX512-BF16 on this CPU: the pair tile is not tested here");

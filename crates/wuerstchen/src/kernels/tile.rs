@@ -438,8 +438,22 @@ macro_rules! tile_kernel {
 pub(crate) use tile_kernel;
 
 /// Whether this CPU runs [`Bf16Pairs`].
-pub(crate) fn pairs_available() -> bool {
+pub(crate) fn pairs_supported() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+}
+
+/// Whether layers in bf16 should run on [`Bf16Pairs`] here rather than on the f32 tile
+/// with rounded operands: where `vdpbf16ps` issues about as fast as an FMA, so that a
+/// pair of products costs what one f32 product does. AMD's do (a Zen 5 EPYC: 2.9 G a
+/// second against 3.1 G FMAs on one core). Intel's without AMX do not: a Xeon with
+/// AVX512-BF16 and AVX512-FP16 but no AMX issued 1.35 G against 3.8 G, and the pair
+/// tile ran at 72-80 GFLOP/s on one thread where the f32 tile ran at 118-131
+/// (performance.md, "bf16 on the CPU"); Intel's with AMX take the AMX tiles instead.
+pub(crate) fn pairs_pay() -> bool {
+    // CPUID leaf 0 names the vendor in EBX, EDX, ECX
+    let id = __cpuid(0);
+    let amd = [id.ebx, id.edx, id.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163];
+    amd && pairs_supported()
 }
 
 /// The best set this CPU runs the tile on.
