@@ -71,7 +71,7 @@ pub(crate) struct Avx512;
 pub(crate) struct Avx2;
 
 /// AVX-512 with AVX512-BF16 (AMD Zen 4 and later; Intel from Cooper Lake): the
-/// AVX-512 tile on operands of bf16 pairs (see [`pairs_tile`]), for the layers in bf16
+/// AVX-512 tile on operands of bf16 pairs (see [`Step512`]), for the layers in bf16
 /// arithmetic. Where `vdpbf16ps` issues as fast as an FMA (a Zen 5 EPYC: 185 against 100
 /// GFLOP/s on one core, in a loop of independent instructions) a pair of products
 /// costs what one f32 product does; the operands also take half the bytes.
@@ -82,38 +82,6 @@ pub(crate) struct Bf16Pairs;
 pub(crate) enum Tiles {
     F32(Isa),
     Bf16Pairs,
-}
-
-impl Tile for Bf16Pairs {
-    #[inline(always)]
-    unsafe fn tile<const R: usize, const NV: usize>(
-        depth: usize,
-        a: *const f32,
-        a_step: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        corner: (usize, usize),
-        start: Start,
-    ) {
-        pairs_tile::<R, NV>(depth, a, a_step, b, c, ldc, corner, start)
-    }
-}
-
-impl Tile for Avx512 {
-    #[inline(always)]
-    unsafe fn tile<const R: usize, const NV: usize>(
-        depth: usize,
-        a: *const f32,
-        a_step: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        corner: (usize, usize),
-        start: Start,
-    ) {
-        avx512_tile::<R, NV>(depth, a, a_step, b, c, ldc, corner, start)
-    }
 }
 
 impl Tile for Avx2 {
@@ -152,9 +120,96 @@ impl Tile for Avx2 {
     }
 }
 
-#[target_feature(enable = "avx512f")]
+/// One depth step of an AVX-512 tile: a vector of the second operand loaded, a value
+/// of the first broadcast, their products added to the sums. f32 ([`Avx512`]) or bf16
+/// pairs ([`Bf16Pairs`]: each 32-bit word of both operands holds two bf16 values one
+/// step of the real depth apart, the lower half first, the depth counts words, and
+/// one `vdpbf16ps` adds both products of 16 pairs to their sums in f32).
+pub(crate) trait Step512 {
+    type A: Copy;
+    type B: Copy;
+    unsafe fn load(at: *const f32) -> Self::B;
+    unsafe fn broadcast(at: *const f32) -> Self::A;
+    unsafe fn madd(sum: __m512, a: Self::A, b: Self::B) -> __m512;
+}
+
+impl Step512 for Avx512 {
+    type A = __m512;
+    type B = __m512;
+    #[inline(always)]
+    unsafe fn load(at: *const f32) -> __m512 {
+        _mm512_loadu_ps(at)
+    }
+    #[inline(always)]
+    unsafe fn broadcast(at: *const f32) -> __m512 {
+        _mm512_set1_ps(*at)
+    }
+    #[inline(always)]
+    unsafe fn madd(sum: __m512, a: __m512, b: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, sum)
+    }
+}
+
+impl Step512 for Bf16Pairs {
+    type A = __m512bh;
+    type B = __m512bh;
+    #[inline(always)]
+    unsafe fn load(at: *const f32) -> __m512bh {
+        std::mem::transmute(_mm512_loadu_ps(at))
+    }
+    #[inline(always)]
+    unsafe fn broadcast(at: *const f32) -> __m512bh {
+        std::mem::transmute(_mm512_set1_ps(*at))
+    }
+    #[inline(always)]
+    unsafe fn madd(sum: __m512, a: __m512bh, b: __m512bh) -> __m512 {
+        _mm512_dpbf16_ps(sum, a, b)
+    }
+}
+
+/// `impl Tile` for an AVX-512 step: [`sums_512`] compiled with the step's features.
+macro_rules! tile_512 {
+    ($step:ty, $features:literal) => {
+        impl Tile for $step {
+            #[inline(always)]
+            unsafe fn tile<const R: usize, const NV: usize>(
+                depth: usize,
+                a: *const f32,
+                a_step: usize,
+                b: *const f32,
+                c: *mut f32,
+                ldc: usize,
+                corner: (usize, usize),
+                start: Start,
+            ) {
+                #[target_feature(enable = $features)]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn sums<const R: usize, const NV: usize>(
+                    depth: usize,
+                    a: *const f32,
+                    a_step: usize,
+                    b: *const f32,
+                    c: *mut f32,
+                    ldc: usize,
+                    corner: (usize, usize),
+                    start: Start,
+                ) {
+                    sums_512::<$step, R, NV>(depth, a, a_step, b, c, ldc, corner, start)
+                }
+                sums::<R, NV>(depth, a, a_step, b, c, ldc, corner, start)
+            }
+        }
+    };
+}
+tile_512!(Avx512, "avx512f");
+tile_512!(Bf16Pairs, "avx512f,avx512bf16");
+
+/// The AVX-512 tile: the R x NV sums in registers over the depth, step by step. Inlined
+/// into the function [`tile_512`] compiles with the step's features, which then apply
+/// to it and to the step's intrinsics (no calls are left in the loop).
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn avx512_tile<const R: usize, const NV: usize>(
+unsafe fn sums_512<S: Step512, const R: usize, const NV: usize>(
     depth: usize,
     a: *const f32,
     a_step: usize,
@@ -167,44 +222,15 @@ unsafe fn avx512_tile<const R: usize, const NV: usize>(
     let mut acc = starts_512::<R, NV>(c, ldc, corner, start);
     for d in 0..depth {
         let bd = b.add(d * NV * 16);
-        let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(bd.add(v * 16)));
-        let ad = a.add(d * a_step);
-        for (r, row) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*ad.add(r));
-            for (acc, &bv) in row.iter_mut().zip(&bv) {
-                *acc = _mm512_fmadd_ps(av, bv, *acc);
-            }
+        let mut bv = [S::load(bd); NV];
+        for (v, bv) in bv.iter_mut().enumerate().skip(1) {
+            *bv = S::load(bd.add(v * 16));
         }
-    }
-    store_512(&acc, c, ldc, corner);
-}
-
-/// [`avx512_tile`] on bf16 pairs: each 32-bit word of both operands holds two bf16
-/// values one step of the real depth apart (the lower half first), `depth` counts
-/// words, and one `vdpbf16ps` adds both products of 16 pairs to their sums in f32.
-#[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn pairs_tile<const R: usize, const NV: usize>(
-    depth: usize,
-    a: *const f32,
-    a_step: usize,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    corner: (usize, usize),
-    start: Start,
-) {
-    let mut acc = starts_512::<R, NV>(c, ldc, corner, start);
-    let (a, b) = (a as *const i32, b as *const __m512i);
-    for d in 0..depth {
-        let bd = b.add(d * NV);
-        let bv: [__m512bh; NV] =
-            std::array::from_fn(|v| std::mem::transmute(_mm512_loadu_si512(bd.add(v))));
         let ad = a.add(d * a_step);
         for (r, row) in acc.iter_mut().enumerate() {
-            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ad.add(r)));
+            let av = S::broadcast(ad.add(r));
             for (acc, &bv) in row.iter_mut().zip(&bv) {
-                *acc = _mm512_dpbf16_ps(*acc, av, bv);
+                *acc = S::madd(*acc, av, bv);
             }
         }
     }
