@@ -18,6 +18,9 @@
 //! over the depth in blocks of [`DEPTH`] so the operand a run of tiles shares stays in
 //! L1; the packed operands start on cache lines ([`Aligned`]). A CPU with neither gets
 //! candle's layer (the caller builds [`LinearKind::Candle`](super::linear_kind) there).
+//! Layers in bf16 arithmetic run on the same kernels, their operands rounded to bf16:
+//! on AMD's AVX512-BF16 as pairs of bf16 on the pair tile (see [`Panels`]), else on
+//! the f32 tile.
 
 use std::sync::Arc;
 
