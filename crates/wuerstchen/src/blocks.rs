@@ -252,8 +252,10 @@ impl Attention {
     fn attend_projected(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let scale = 1.0 / ((q.dim(2)? / self.heads) as f64).sqrt();
         flops::add_attention(q, k)?;
-        // the heads stay in the projections' columns (no (B, H, N, d) copies)
-        let out = crate::kernels::attention::attention_tokens(q, k, v, self.heads, scale)?;
+        // the heads stay in the projections' columns (no (B, H, N, d) copies); a model
+        // in bf16 arithmetic takes both products in bf16 where that pays
+        let bf16 = matches!(self.to_q, Linear::Bf16(_));
+        let out = crate::kernels::attention::attention_tokens(q, k, v, self.heads, scale, bf16)?;
         self.to_out.forward(&out)
     }
 }

@@ -40,12 +40,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 /// splitting out the heads, [`attention`] and merging them give, without the four
 /// copies. Those ran on one thread while the other idled: in the prior (32 blocks, 24
 /// heads), with the zeroing of new buffers, a tenth of a call (perf).
+///
+/// `bf16`: a model in bf16 arithmetic (its linear layers' operands rounded to bf16)
+/// may run both products in bf16 too, where the CPU's bf16 products pay (the pair
+/// tile: q, k, v and the probabilities rounded to bf16, sums, softmax and its
+/// normaliser in f32, as PyTorch's bf16 attention); elsewhere this changes nothing.
 pub fn attention_tokens(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     scale: f64,
+    bf16: bool,
 ) -> Result<Tensor> {
     let c = q.dim(2)?;
     if heads == 0 || c % heads != 0 {
@@ -55,7 +61,12 @@ pub fn attention_tokens(
         return q.contiguous()?.apply_op3(
             &k.contiguous()?,
             &v.contiguous()?,
-            SdpaTokens { scale, heads, isa },
+            SdpaTokens {
+                scale,
+                heads,
+                isa,
+                bf16,
+            },
         );
     }
     let out = attention(
@@ -104,6 +115,8 @@ struct SdpaTokens {
     heads: usize,
     /// The set [`tiled::available`] gave for these heads.
     isa: Isa,
+    /// Both products in bf16 where that pays.
+    bf16: bool,
 }
 
 impl CustomOp3 for SdpaTokens {
@@ -128,7 +141,8 @@ impl CustomOp3 for SdpaTokens {
         if !out.is_empty() {
             let dims = (b * self.heads, n, l, c / self.heads);
             let scale = self.scale as f32;
-            tiled::attention(self.isa, q, k, v, dims, Some(self.heads), scale, &mut out);
+            let isa = (self.isa, self.bf16);
+            tiled::attention(isa, q, k, v, dims, Some(self.heads), scale, &mut out);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
@@ -186,7 +200,16 @@ impl CustomOp3 for Sdpa {
         }
         let scale = self.scale as f32;
         if let Some(isa) = tiled::available(d) {
-            tiled::attention(isa, q, k, v, (b * h, n, l, d), None, scale, &mut out);
+            tiled::attention(
+                (isa, false),
+                q,
+                k,
+                v,
+                (b * h, n, l, d),
+                None,
+                scale,
+                &mut out,
+            );
             return Ok((CpuStorage::F32(out), Shape::from((b, h, n, d))));
         }
         // one task per (head, block of queries); its output rows are its own
@@ -325,7 +348,8 @@ fn gradients(
 /// repacked per block, where the gemm path packed both for every block of queries.
 #[cfg(target_arch = "x86_64")]
 mod tiled {
-    use super::super::tile::{tile_kernel, Start};
+    use super::super::packed_linear::pair;
+    use super::super::tile::{tile_kernel, Start, Tiles};
     use super::super::{with_scratch, SendPtr};
     use super::*;
 
@@ -353,10 +377,11 @@ mod tiled {
 
     /// `out` from q (n rows a head), k and v (l rows a head), all in the heads layout
     /// (`tokens` None) or all in the token layout of H heads (`Some(H)`); `heads`
-    /// counts the heads of all batch entries; d as [`available`] says.
+    /// counts the heads of all batch entries; d as [`available`] says. On the set
+    /// `isa.0`, or with `isa.1` (bf16) on the pair tile where it pays.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention(
-        isa: Isa,
+        (isa, bf16): (Isa, bool),
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -365,24 +390,63 @@ mod tiled {
         scale: f32,
         out: &mut [f32],
     ) {
-        // k^T per head, keys padded to whole tiles of 8: dim c, key j at c * lp + j
+        let pairs = bf16 && super::super::tile::pairs_pay();
+        let tiles = if pairs {
+            Tiles::Bf16Pairs
+        } else {
+            Tiles::F32(isa)
+        };
+        // k^T per head, keys padded to whole tiles of 8: dim c, key j at c * lp + j;
+        // with pairs, word c of key j (dims 2 c, 2 c + 1) at c * lp + j
         let lp = l.div_ceil(8) * 8;
-        let mut kt = vec![0f32; heads * d * lp];
-        kt.par_chunks_mut(d * lp).enumerate().for_each(|(h, kt)| {
+        let dw = if pairs { d / 2 } else { d };
+        let mut kt = vec![0f32; heads * dw * lp];
+        kt.par_chunks_mut(dw * lp).enumerate().for_each(|(h, kt)| {
             let (first, step) = rows(h, l, d, tokens);
             for j in 0..l {
-                for (c, &x) in k[first + j * step..][..d].iter().enumerate() {
-                    kt[c * lp + j] = x;
+                let key = &k[first + j * step..][..d];
+                if pairs {
+                    for (c, two) in key.chunks_exact(2).enumerate() {
+                        kt[c * lp + j] = pair(two[0], two[1]);
+                    }
+                } else {
+                    for (c, &x) in key.iter().enumerate() {
+                        kt[c * lp + j] = x;
+                    }
                 }
             }
         });
+        // with pairs, v per head as words of two keys: keys 2 j, 2 j + 1 (zero past
+        // l), dim c at j * d + c; else v is read in place
+        let vp: Vec<f32> = if pairs {
+            let lw = lp / 2;
+            let mut vp = vec![0f32; heads * lw * d];
+            vp.par_chunks_mut(lw * d).enumerate().for_each(|(h, vp)| {
+                let (first, step) = rows(h, l, d, tokens);
+                for (j, words) in vp.chunks_exact_mut(d).take(l.div_ceil(2)).enumerate() {
+                    let lo = &v[first + 2 * j * step..][..d];
+                    let hi = (2 * j + 1 < l).then(|| &v[first + (2 * j + 1) * step..][..d]);
+                    for (c, w) in words.iter_mut().enumerate() {
+                        *w = pair(lo[c], hi.map_or(0.0, |hi| hi[c]));
+                    }
+                }
+            });
+            vp
+        } else {
+            Vec::new()
+        };
         let blocks = n.div_ceil(LANES);
         let dst = SendPtr(out.as_mut_ptr());
         (0..heads * blocks).into_par_iter().for_each(|t| {
             let (h, i0) = (t / blocks, t % blocks * LANES);
             let (q0, q_step) = rows(h, n, d, tokens);
             let (v0, v_step) = rows(h, l, d, tokens);
-            let kt = &kt[h * d * lp..][..d * lp];
+            let kt = &kt[h * dw * lp..][..dw * lp];
+            let v = if pairs {
+                (vp[h * (lp / 2) * d..].as_ptr(), d)
+            } else {
+                (v[v0..].as_ptr(), v_step)
+            };
             let at = q0 + i0 * q_step;
             // SAFETY: available() checked the CPU and d; the block's m rows of q and
             // out (m - 1 steps and d past `at`) and v's l rows lie inside the buffers
@@ -390,10 +454,10 @@ mod tiled {
             // writes only its own rows x d of out.
             unsafe {
                 queries(
-                    isa,
+                    tiles,
                     (q.as_ptr().add(at), q_step),
                     kt,
-                    (v.as_ptr().add(v0), v_step),
+                    v,
                     (LANES.min(n - i0), l, lp, d),
                     scale,
                     (dst.get().add(at), q_step),
@@ -402,9 +466,10 @@ mod tiled {
         });
     }
 
-    tile_kernel! {
+    tile_kernel! { pairs
     /// One head's block of m <= 48 queries (rows of q `q.1` apart) -> out (rows
-    /// `out.1` apart), over l keys (v's rows `v.1` apart).
+    /// `out.1` apart), over l keys (v's rows `v.1` apart: rows of keys, or on the
+    /// pair tile of words of two keys).
     unsafe fn queries<T>(
         q: (*const f32, usize),
         kt: &[f32],
@@ -414,21 +479,32 @@ mod tiled {
         out: (*mut f32, usize),
     ) {
         let (m, l, lp, d) = dims;
-        with_scratch(d * LANES * 2 + lp * LANES, |buf| {
+        // the depth of each product in words of the tile: values, or pairs of them
+        let words = |depth: usize| if T::PAIRS { depth.div_ceil(2) } else { depth };
+        let probs = if T::PAIRS { lp / 2 * LANES } else { 0 };
+        with_scratch(d * LANES * 2 + lp * LANES + probs, |buf| {
             let (qt, rest) = buf.split_at_mut(d * LANES);
-            let (ot, scores) = rest.split_at_mut(d * LANES);
+            let (ot, rest) = rest.split_at_mut(d * LANES);
+            let (scores, pp) = rest.split_at_mut(lp * LANES);
             // q^T, scaled: dim c, query i at c * 48 + i, zero past the block's queries
+            // (with pairs, word c of query i, dims 2 c and 2 c + 1)
             qt.fill(0.0);
             for i in 0..m {
                 let row = std::slice::from_raw_parts(q.0.add(i * q.1), d);
-                for (c, &x) in row.iter().enumerate() {
-                    qt[c * LANES + i] = x * scale;
+                if T::PAIRS {
+                    for (c, two) in row.chunks_exact(2).enumerate() {
+                        qt[c * LANES + i] = pair(two[0] * scale, two[1] * scale);
+                    }
+                } else {
+                    for (c, &x) in row.iter().enumerate() {
+                        qt[c * LANES + i] = x * scale;
+                    }
                 }
             }
             // scores^T (keys, 48) = k q^T, 8 keys per tile
             for j in (0..l).step_by(8) {
                 T::tile::<8, 3>(
-                    d,
+                    words(d),
                     kt.as_ptr().add(j),
                     lp,
                     qt.as_ptr(),
@@ -453,15 +529,28 @@ mod tiled {
                     *sum += *x;
                 }
             }
+            // with pairs, P^T as words of two keys: keys 2 j, 2 j + 1 (zero past l),
+            // query i at j * 48 + i; rounded to bf16 while the sums stay as they were
+            if T::PAIRS {
+                for (j, words) in pp.chunks_exact_mut(LANES).take(l.div_ceil(2)).enumerate() {
+                    let lo = &scores[2 * j * LANES..][..LANES];
+                    let hi = scores.get((2 * j + 1) * LANES..).filter(|h| !h.is_empty());
+                    for (i, w) in words.iter_mut().enumerate() {
+                        *w = pair(lo[i], hi.map_or(0.0, |hi| hi[i]));
+                    }
+                }
+            }
+            let probs = if T::PAIRS { &*pp } else { &*scores };
             // out^T (d, 48) = v^T P^T: 8 dims per tile, keys in blocks
             for k0 in (0..l).step_by(KEYS) {
                 let start = if k0 == 0 { Start::Zero } else { Start::Output };
+                let at = words(k0);
                 for c in (0..d).step_by(8) {
                     T::tile::<8, 3>(
-                        KEYS.min(l - k0),
-                        v.0.add(k0 * v.1 + c),
+                        words(KEYS.min(l - k0)),
+                        v.0.add(at * v.1 + c),
                         v.1,
-                        scores.as_ptr().add(k0 * LANES),
+                        probs.as_ptr().add(at * LANES),
                         ot.as_mut_ptr().add(c * LANES),
                         LANES,
                         (8, LANES),
@@ -491,7 +580,7 @@ mod tiled {
 
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention(
-        _: Isa,
+        _: (Isa, bool),
         _: &[f32],
         _: &[f32],
         _: &[f32],
@@ -546,8 +635,10 @@ pub(super) fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::packed_linear::pairs_available;
     use crate::kernels::tests::{max_diff, random};
     use crate::kernels::Isa;
+    use candle_core::DType;
     use candle_core::Var;
 
     #[test]
@@ -610,7 +701,7 @@ mod tests {
             let v = random(&[b, l, heads * d], 3)?;
             let want = plain_tokens(&q, &k, &v, heads, 0.25)?;
             for isa in Isa::supported() {
-                let ours = isa.with(|| attention_tokens(&q, &k, &v, heads, 0.25))?;
+                let ours = isa.with(|| attention_tokens(&q, &k, &v, heads, 0.25, false))?;
                 assert_eq!(ours.dims(), &[b, n, heads * d]);
                 let diff = max_diff(&ours, &want)?;
                 assert!(
@@ -618,15 +709,31 @@ mod tests {
                     "{isa:?}, ({b}, {n}, {l}, {heads}, {d}): max difference {diff}"
                 );
             }
+            // in bf16, where the pair tile pays: the attention of the rounded q, k, v
+            // but for the probabilities' rounding in the second product (at most 2^-8
+            // of each, so of the output at most 2^-8 max |v| = 0.002); elsewhere f32's
+            let ours = attention_tokens(&q, &k, &v, heads, 0.25, true)?;
+            let (want, tolerance) = if pairs_available(true) {
+                let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+                let rounded = plain_tokens(&round(&q)?, &round(&k)?, &round(&v)?, heads, 0.25)?;
+                (rounded, 2e-3)
+            } else {
+                (want, 2e-6)
+            };
+            let diff = max_diff(&ours, &want)?;
+            assert!(
+                diff < tolerance,
+                "bf16, ({b}, {n}, {l}, {heads}, {d}): {diff}"
+            );
         }
         let (q, k) = (random(&[1, 4, 12], 1)?, random(&[1, 6, 12], 2)?);
         assert!(
-            attention_tokens(&q, &k, &k, 5, 0.5).is_err(),
+            attention_tokens(&q, &k, &k, 5, 0.5, false).is_err(),
             "12 channels in 5 heads"
         );
         let k0 = random(&[1, 0, 16], 2)?;
-        assert!(attention_tokens(&random(&[1, 4, 16], 1)?, &k0, &k0, 2, 0.5).is_err());
-        assert!(attention_tokens(&q, &random(&[1, 6, 8], 2)?, &k, 2, 0.5).is_err());
+        assert!(attention_tokens(&random(&[1, 4, 16], 1)?, &k0, &k0, 2, 0.5, false).is_err());
+        assert!(attention_tokens(&q, &random(&[1, 6, 8], 2)?, &k, 2, 0.5, false).is_err());
         Ok(())
     }
 
@@ -640,7 +747,7 @@ mod tests {
             .collect::<Result<_>>()?;
         let probe = random(&[b, n, heads * d], 40)?;
         let [q, k, v] = [&vars[0], &vars[1], &vars[2]].map(|v| v.as_tensor());
-        let ours = (attention_tokens(q, k, v, heads, 0.35)? * &probe)?
+        let ours = (attention_tokens(q, k, v, heads, 0.35, false)? * &probe)?
             .sum_all()?
             .backward()?;
         let want = (plain_tokens(q, k, v, heads, 0.35)? * &probe)?

@@ -142,7 +142,7 @@ enum Form {
 
 /// Whether this CPU multiplies bf16 pairs on the tile (AVX512-BF16): `pay`, where
 /// that is faster than the f32 tile, else wherever it can.
-fn pairs_available(pay: bool) -> bool {
+pub(super) fn pairs_available(pay: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         if pay {
@@ -160,7 +160,7 @@ fn pairs_available(pay: bool) -> bool {
 
 /// Two values as the bits of a word of bf16 pairs (see [`Panels`]), held as an f32.
 #[inline(always)]
-fn pair(lo: f32, hi: f32) -> f32 {
+pub(super) fn pair(lo: f32, hi: f32) -> f32 {
     use super::bf16_matmul::bf16_bits;
     f32::from_bits(bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16)
 }

@@ -39,6 +39,9 @@ impl Start {
 
 /// One instruction set's register tile.
 pub(crate) trait Tile {
+    /// Whether the operands are words of bf16 pairs ([`Bf16Pairs`]) rather than f32.
+    const PAIRS: bool = false;
+
     /// `c[r][j] = start + sum over d < depth of a[d * a_step + r] * b[d * 16 NV + j]`
     /// for the tile's `rows` x `cols` corner of R x 16 NV (the packed operands are
     /// zero-padded to whole tiles; only the corner is read from or written to `c`,
@@ -169,8 +172,10 @@ impl Step512 for Bf16Pairs {
 
 /// `impl Tile` for an AVX-512 step: [`sums_512`] compiled with the step's features.
 macro_rules! tile_512 {
-    ($step:ty, $features:literal) => {
+    ($step:ty, $features:literal, $pairs:literal) => {
         impl Tile for $step {
+            const PAIRS: bool = $pairs;
+
             #[inline(always)]
             unsafe fn tile<const R: usize, const NV: usize>(
                 depth: usize,
@@ -201,8 +206,8 @@ macro_rules! tile_512 {
         }
     };
 }
-tile_512!(Avx512, "avx512f");
-tile_512!(Bf16Pairs, "avx512f,avx512bf16");
+tile_512!(Avx512, "avx512f", false);
+tile_512!(Bf16Pairs, "avx512f,avx512bf16", true);
 
 /// The AVX-512 tile: the R x NV sums in registers over the depth, step by step. Inlined
 /// into the function [`tile_512`] compiles with the step's features, which then apply
