@@ -348,7 +348,7 @@ fn gradients(
 /// repacked per block, where the gemm path packed both for every block of queries.
 #[cfg(target_arch = "x86_64")]
 mod tiled {
-    use super::super::packed_linear::pair;
+    use super::super::packed_linear::{pair, pair_rows, paired};
     use super::super::tile::{tile_kernel, Start, Tiles};
     use super::super::{with_scratch, SendPtr};
     use super::*;
@@ -406,8 +406,8 @@ mod tiled {
             for j in 0..l {
                 let key = &k[first + j * step..][..d];
                 if pairs {
-                    for (c, two) in key.chunks_exact(2).enumerate() {
-                        kt[c * lp + j] = pair(two[0], two[1]);
+                    for (c, word) in paired(key).enumerate() {
+                        kt[c * lp + j] = word;
                     }
                 } else {
                     for (c, &x) in key.iter().enumerate() {
@@ -426,9 +426,7 @@ mod tiled {
                 for (j, words) in vp.chunks_exact_mut(d).take(l.div_ceil(2)).enumerate() {
                     let lo = &v[first + 2 * j * step..][..d];
                     let hi = (2 * j + 1 < l).then(|| &v[first + (2 * j + 1) * step..][..d]);
-                    for (c, w) in words.iter_mut().enumerate() {
-                        *w = pair(lo[c], hi.map_or(0.0, |hi| hi[c]));
-                    }
+                    pair_rows(lo, hi, words);
                 }
             });
             vp
@@ -481,8 +479,8 @@ mod tiled {
         let (m, l, lp, d) = dims;
         // the depth of each product in words of the tile: values, or pairs of them
         let words = |depth: usize| if T::PAIRS { depth.div_ceil(2) } else { depth };
-        let probs = if T::PAIRS { lp / 2 * LANES } else { 0 };
-        with_scratch(d * LANES * 2 + lp * LANES + probs, |buf| {
+        let paired_len = if T::PAIRS { lp / 2 * LANES } else { 0 };
+        with_scratch(d * LANES * 2 + lp * LANES + paired_len, |buf| {
             let (qt, rest) = buf.split_at_mut(d * LANES);
             let (ot, rest) = rest.split_at_mut(d * LANES);
             let (scores, pp) = rest.split_at_mut(lp * LANES);
@@ -534,10 +532,8 @@ mod tiled {
             if T::PAIRS {
                 for (j, words) in pp.chunks_exact_mut(LANES).take(l.div_ceil(2)).enumerate() {
                     let lo = &scores[2 * j * LANES..][..LANES];
-                    let hi = scores.get((2 * j + 1) * LANES..).filter(|h| !h.is_empty());
-                    for (i, w) in words.iter_mut().enumerate() {
-                        *w = pair(lo[i], hi.map_or(0.0, |hi| hi[i]));
-                    }
+                    let hi = (2 * j + 1 < l).then(|| &scores[(2 * j + 1) * LANES..][..LANES]);
+                    pair_rows(lo, hi, words);
                 }
             }
             let probs = if T::PAIRS { &*pp } else { &*scores };

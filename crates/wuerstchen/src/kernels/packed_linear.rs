@@ -110,9 +110,6 @@ struct Packed {
     bias: Vec<f32>,
     n: usize,
     k: usize,
-    /// bf16 arithmetic on this f32 kernel: the weight was rounded to bf16 when packed,
-    /// and each input is rounded as it is packed.
-    bf16: bool,
 }
 
 /// The panels' values: f32, or for a layer in bf16 arithmetic their bf16 bits (exact:
@@ -165,6 +162,32 @@ pub(super) fn pair(lo: f32, hi: f32) -> f32 {
     f32::from_bits(bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16)
 }
 
+/// The values of a row as words of pairs of neighbours, the last word's upper half
+/// zero for an odd count.
+#[inline(always)]
+pub(super) fn paired(row: &[f32]) -> impl Iterator<Item = f32> + '_ {
+    row.chunks(2)
+        .map(|two| pair(two[0], two.get(1).copied().unwrap_or(0.0)))
+}
+
+/// Words of pairs from two rows side by side, `dst[i] = pair(lo[i], hi[i])`, the upper
+/// halves zero where there is no `hi` row (past an odd count of rows).
+#[inline(always)]
+pub(super) fn pair_rows(lo: &[f32], hi: Option<&[f32]>, dst: &mut [f32]) {
+    match hi {
+        Some(hi) => {
+            for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                *d = pair(l, h);
+            }
+        }
+        None => {
+            for (d, &l) in dst.iter_mut().zip(lo) {
+                *d = pair(l, 0.0);
+            }
+        }
+    }
+}
+
 /// Writes w (n, k) into `panels` (see [`Packed`]) as `from` converts each value; the
 /// padding past n keeps what `panels` held (zeros).
 fn fill_panels<T: Send>(panels: &mut [T], w: &[f32], k: usize, from: impl Fn(f32) -> T + Sync) {
@@ -184,6 +207,12 @@ fn fill_panels<T: Send>(panels: &mut [T], w: &[f32], k: usize, from: impl Fn(f32
 }
 
 impl Packed {
+    /// bf16 arithmetic: the weight was rounded to bf16 when packed, and each input is
+    /// rounded as it is packed.
+    fn bf16(&self) -> bool {
+        !matches!(self.panels, Panels::F32(_))
+    }
+
     /// Rows of the panels and of the packed inputs: k values, or k / 2 words of bf16
     /// pairs (rounded up). The kernels count the depth in these.
     fn words(&self) -> usize {
@@ -259,12 +288,12 @@ impl Packed {
     fn pack_rows(&self, rows: &[f32], tile: &mut [f32]) {
         for (i, row) in rows.chunks_exact(self.k).enumerate() {
             if let Panels::Pairs(_) = self.panels {
-                for (w, two) in row.chunks(2).enumerate() {
-                    tile[w * ROWS + i] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+                for (w, word) in paired(row).enumerate() {
+                    tile[w * ROWS + i] = word;
                 }
             } else {
                 for (c, &v) in row.iter().enumerate() {
-                    tile[c * ROWS + i] = rounded(v, self.bf16);
+                    tile[c * ROWS + i] = rounded(v, self.bf16());
                 }
             }
         }
@@ -285,7 +314,7 @@ impl Packed {
             pack_pixel_pairs(channels, plane, first, tile);
         } else {
             let channels = &x[words.start * plane..words.end * plane];
-            pack_pixel_tile(channels, plane, first, tile, self.bf16);
+            pack_pixel_tile(channels, plane, first, tile, self.bf16());
         }
     }
 }
@@ -338,15 +367,9 @@ impl PackedLinear {
             Form::Bf16Pairs => {
                 // the rows of w as words of pairs (zero past k), then as f32 panels
                 let words = k.div_ceil(2);
-                let paired: Vec<f32> = w
-                    .par_chunks(k)
-                    .flat_map_iter(|row| {
-                        row.chunks(2)
-                            .map(|two| pair(two[0], two.get(1).copied().unwrap_or(0.0)))
-                    })
-                    .collect();
+                let rows: Vec<f32> = w.par_chunks(k).flat_map_iter(paired).collect();
                 let mut panels = Aligned::zeros(np * words);
-                fill_panels(panels.as_mut_slice(), &paired, words, |v| v);
+                fill_panels(panels.as_mut_slice(), &rows, words, |v| v);
                 Panels::Pairs(panels)
             }
         };
@@ -363,7 +386,6 @@ impl PackedLinear {
             bias: padded,
             n,
             k,
-            bf16: form != Form::F32,
         })))
     }
 
@@ -580,18 +602,11 @@ simd_dispatch! {
     // words of bf16 pairs of consecutive channels (zero past the last one): a pixel
     // tile of channels.div_ceil(2) x PIXELS words, zero past the plane's end
     fn pack_pixel_pairs(x: &[f32], plane: usize, first: usize, tile: &mut [f32]) {
-        const ZEROS: [f32; PIXELS] = [0.0; PIXELS];
         let count = PIXELS.min(plane - first);
         for (two, dst) in x.chunks(2 * plane).zip(tile.chunks_exact_mut(PIXELS)) {
             let lo = &two[first..][..count];
-            let hi = if two.len() > plane {
-                &two[plane + first..][..count]
-            } else {
-                &ZEROS[..count]
-            };
-            for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-                *d = pair(l, h);
-            }
+            let hi = (two.len() > plane).then(|| &two[plane + first..][..count]);
+            pair_rows(lo, hi, dst);
             dst[count..].fill(0.0);
         }
     }

@@ -480,11 +480,16 @@ pub(crate) fn pairs_supported() -> bool {
 /// AVX512-BF16 and AVX512-FP16 but no AMX issued 1.35 G against 3.8 G, and the pair
 /// tile ran at 72-80 GFLOP/s on one thread where the f32 tile ran at 118-131
 /// (performance.md, "bf16 on the CPU"); Intel's with AMX take the AMX tiles instead.
+/// Checked once: every layer built and every attention call asks, and CPUID traps
+/// to the hypervisor in a VM.
 pub(crate) fn pairs_pay() -> bool {
-    // CPUID leaf 0 names the vendor in EBX, EDX, ECX
-    let id = __cpuid(0);
-    let amd = [id.ebx, id.edx, id.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163];
-    amd && pairs_supported()
+    static PAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PAY.get_or_init(|| {
+        // CPUID leaf 0 names the vendor in EBX, EDX, ECX
+        let id = __cpuid(0);
+        let amd = [id.ebx, id.edx, id.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163];
+        amd && pairs_supported()
+    })
 }
 
 /// The best set this CPU runs the tile on.
