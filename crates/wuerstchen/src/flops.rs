@@ -7,7 +7,7 @@
 
 use std::cell::Cell;
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 
 use crate::kernels::bf16_matmul::Bf16Linear;
@@ -47,7 +47,8 @@ pub fn add_attention(q: &Tensor, k: &Tensor) -> Result<()> {
 }
 
 /// A linear layer of the kind the model is being built with
-/// ([`linear_kind`](crate::kernels::linear_kind)): candle's, packed f32, or bf16.
+/// ([`linear_kind`](crate::kernels::linear_kind)): candle's, packed (f32 or f16
+/// weights), or bf16.
 #[derive(Debug, Clone)]
 pub enum Linear {
     F32(candle_nn::Linear),
@@ -69,6 +70,14 @@ pub fn linear_from(weight: Tensor, bias: Tensor) -> Result<Linear> {
         LinearKind::Candle => Linear::F32(candle_nn::Linear::new(weight, Some(bias))),
         LinearKind::PackedF32 => Linear::Packed(PackedLinear::new(&weight, Some(&bias))?),
         LinearKind::Bf16 => Linear::Bf16(Bf16Linear::new(&weight, Some(bias))?),
+        LinearKind::F16 if crate::kernels::packed_linear::available() => {
+            Linear::Packed(PackedLinear::with_f16_weights(&weight, Some(&bias))?)
+        }
+        // no kernel for the widened f16 weights: candle's layer on them rounded
+        LinearKind::F16 => {
+            let rounded = weight.to_dtype(DType::F16)?.to_dtype(weight.dtype())?;
+            Linear::F32(candle_nn::Linear::new(rounded, Some(bias)))
+        }
     })
 }
 
@@ -234,11 +243,12 @@ pub fn conv_transpose2d(
     vb: VarBuilder,
 ) -> Result<ConvTranspose2d> {
     let conv = candle_nn::conv_transpose2d(c_in, c_out, kernel, cfg, vb)?;
-    // bf16 models on the CPU keep f32 activations and give their transposed convs f32
-    // weights, so these take our f32 kernel too (`new` declines where it cannot run)
+    // bf16 and f16 models on the CPU keep f32 activations and give their transposed
+    // convs f32 weights, so these take our f32 kernel too (`new` declines where it
+    // cannot run)
     let packed = if matches!(
         linear_kind::building(),
-        LinearKind::PackedF32 | LinearKind::Bf16
+        LinearKind::PackedF32 | LinearKind::Bf16 | LinearKind::F16
     ) && cfg.dilation == 1
         && cfg.output_padding == 0
     {

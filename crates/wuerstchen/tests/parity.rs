@@ -278,28 +278,51 @@ fn text_encoder_matches_transformers() {
     assert!(run_component(Component::TextEncoder) >= 2);
 }
 
-/// bf16 on the CPU (bf16 weights and inputs in the linear layers, f32 elsewhere) against
-/// diffusers' f32 output. The stated tolerance: every value within 0.5% of the
-/// output's largest, the root-mean-square difference within 0.1% (bf16 keeps 8
-/// significant bits, a relative rounding of 2^-9 = 0.2% per operand; the sums stay
-/// f32, so errors average out: measured 0.05-0.1% max, 0.01-0.02% rms on these
-/// fixtures). The difference must also be nonzero: the bf16 layers really ran.
-#[test]
-fn bf16_linear_layers_stay_within_bf16_tolerance_of_diffusers_f32() {
+/// Runs the fixtures of `kinds` with weights in `dtype` (on the CPU: 16-bit linear
+/// layers, f32 elsewhere) against the reference's f32 output: every value within
+/// `max` of the output's largest, the root-mean-square difference within `rms` of it.
+/// The difference must also be nonzero: the 16-bit layers really ran.
+fn within_tolerance_of_f32(dtype: DType, kinds: &[Component], max: f64, rms: f64) {
     let judge = |name: &str, got: &Tensor, expected: &Tensor| {
         let r = wuerstchen::parity::compare(got, expected).unwrap();
         let scale = r.max_abs_expected.max(1e-6);
         let (max_rel, rms_rel) = (r.max_abs_diff / scale, r.rms_diff / scale);
-        println!("{name:<24} bf16: max {max_rel:.2e}, rms {rms_rel:.2e} of the largest output");
-        assert!(max_rel < 5e-3 && rms_rel < 1e-3, "{name}: {r}");
+        println!(
+            "{name:<24} {dtype:?}: max {max_rel:.2e}, rms {rms_rel:.2e} of the largest output"
+        );
+        assert!(max_rel < max && rms_rel < rms, "{name}: {r}");
         assert!(
             r.max_abs_diff > 0.0,
-            "{name}: bit-equal to f32, so bf16 did not run"
+            "{name}: bit-equal to f32, so {dtype:?} did not run"
         );
     };
-    for kind in [Component::Prior, Component::Decoder, Component::VqganDecode] {
-        assert!(run_component_in(kind, DType::BF16, judge) >= 2);
+    for &kind in kinds {
+        assert!(run_component_in(kind, dtype, judge) >= 2);
     }
+}
+
+const STAGES: [Component; 3] = [Component::Prior, Component::Decoder, Component::VqganDecode];
+
+/// bf16 on the CPU: bf16 weights and inputs in the linear layers. The stated
+/// tolerance: 0.5% max, 0.1% rms (bf16 keeps 8 significant bits, a relative rounding
+/// of 2^-9 = 0.2% per operand; the sums stay f32, so errors average out: measured
+/// 0.05-0.1% max, 0.01-0.02% rms on the stages' fixtures, 0.2-0.3% max, 0.04% rms on
+/// the text encoders').
+#[test]
+fn bf16_linear_layers_stay_within_bf16_tolerance_of_diffusers_f32() {
+    let kinds = [&STAGES[..], &[Component::TextEncoder]].concat();
+    within_tolerance_of_f32(DType::BF16, &kinds, 5e-3, 1e-3);
+}
+
+/// f16 on the CPU: f16 weights in the linear layers, f32 inputs and arithmetic. The
+/// stated tolerance: 0.05% max, 0.01% rms (f16 keeps 11 significant bits, 2^-12 =
+/// 0.024% per weight, and only the weights are rounded: measured 0.004-0.01% max,
+/// 0.001-0.002% rms on these fixtures).
+#[test]
+fn f16_linear_layers_stay_within_f16_tolerance_of_diffusers_f32() {
+    // (not the text encoders: their fixtures' weights are stored in f16, so they
+    // would run f32's arithmetic on the same values)
+    within_tolerance_of_f32(DType::F16, &STAGES, 5e-4, 1e-4);
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! dtype without a faster form), f32 weights packed for our AVX-512 / AVX2 kernel
 //! ([`packed_linear`](super::packed_linear), inference in f32 on the CPU), or bf16
 //! weights on AMX tiles ([`bf16_matmul`](super::bf16_matmul), `--dtype bf16` on the
-//! CPU). The packed forms drop the weight's tensor, so they have no gradient: only
+//! CPU), or f16 weights widened for our f32 kernel (`--dtype f16` on the CPU). The
+//! packed forms drop the weight's tensor, so they have no gradient: only
 //! models loaded for inference get them.
 
 use std::cell::Cell;
@@ -19,6 +20,8 @@ pub enum LinearKind {
     PackedF32,
     /// bf16 weights on f32 activations.
     Bf16,
+    /// f16 weights on f32 activations, f32 arithmetic.
+    F16,
 }
 
 thread_local! {
@@ -50,8 +53,9 @@ pub fn inference() -> bool {
 }
 
 /// Builds a model (`build`) for inference over the weights of `backend`, asked for in
-/// `dtype`: bf16 on the CPU reads them as f32 and makes the linear layers bf16; f32 on
-/// a CPU with AVX-512 or AVX2 packs them; anything else is built as it is. Loading
+/// `dtype`: bf16 or f16 on the CPU reads them as f32 and gives the linear layers bf16
+/// or f16 weights; f32 on a CPU with AVX-512 or AVX2 packs them; anything else is
+/// built as it is. Loading
 /// (`WeightFiles::build`) and the benchmark's random weights both build through here.
 pub fn build_model<'a, T>(
     backend: Box<dyn SimpleBackend + 'a>,
@@ -59,8 +63,11 @@ pub fn build_model<'a, T>(
     device: &Device,
     build: impl FnOnce(VarBuilder<'a>) -> T,
 ) -> T {
-    let kind = if bf16_on_cpu(dtype, device) {
-        LinearKind::Bf16
+    let kind = if half_on_cpu(dtype, device) {
+        match dtype {
+            DType::BF16 => LinearKind::Bf16,
+            _ => LinearKind::F16,
+        }
     } else if device.is_cpu() && dtype == DType::F32 && super::packed_linear::available() {
         LinearKind::PackedF32
     } else {
@@ -73,17 +80,18 @@ pub fn build_model<'a, T>(
     out
 }
 
-/// Whether models asked for in `dtype` on `device` are built as bf16 linear layers on
-/// f32 activations (bf16 on the CPU: candle has no CPU bf16 matmul, and f32 is what
-/// the other kernels are fast in). Activations then run in [`activation_dtype`].
-pub fn bf16_on_cpu(dtype: DType, device: &Device) -> bool {
-    device.is_cpu() && dtype == DType::BF16
+/// Whether models asked for in `dtype` on `device` are built as bf16 or f16 linear
+/// layers on f32 activations: 16-bit dtypes on the CPU, where candle has no bf16
+/// matmul, its f16 ops ran 2.5-3x slower than f32, and f32 is what our other kernels
+/// are fast in. Activations then run in [`activation_dtype`].
+pub fn half_on_cpu(dtype: DType, device: &Device) -> bool {
+    device.is_cpu() && matches!(dtype, DType::BF16 | DType::F16)
 }
 
 /// The dtype a model's inputs and activations take when its weights are asked for
-/// in `dtype`: `dtype` itself, except f32 for bf16 on the CPU.
+/// in `dtype`: `dtype` itself, except f32 for bf16 and f16 on the CPU.
 pub fn activation_dtype(dtype: DType, device: &Device) -> DType {
-    if bf16_on_cpu(dtype, device) {
+    if half_on_cpu(dtype, device) {
         DType::F32
     } else {
         dtype

@@ -20,7 +20,8 @@
 //! candle's layer (the caller builds [`LinearKind::Candle`](super::linear_kind) there).
 //! Layers in bf16 arithmetic run on the same kernels, their operands rounded to bf16:
 //! on AMD's AVX512-BF16 as pairs of bf16 on the pair tile (see [`Panels`]), else on
-//! the f32 tile.
+//! the f32 tile. Layers with f16 weights (f16 models on the CPU) keep them as f16 and
+//! widen them on the way to the f32 tile: f32 arithmetic on half the weight memory.
 
 use std::sync::Arc;
 
@@ -112,10 +113,11 @@ struct Packed {
     k: usize,
 }
 
-/// The panels' values: f32, or for a layer in bf16 arithmetic their bf16 bits (exact:
-/// the weight is rounded to bf16 anyway), half the memory, either
-/// - `Bf16`: in the f32 layout, widened to f32 a task's share at a time into scratch
-///   that the tiles read as they read f32 panels, or
+/// The panels' values: f32, or their f16 bits for a layer with f16 weights (`F16`), or
+/// for a layer in bf16 arithmetic their bf16 bits (exact: the weight is rounded to
+/// bf16 anyway); the 16-bit forms take half the memory, and are either
+/// - `Bf16`, `F16`: in the f32 layout, widened to f32 a task's share at a time into
+///   scratch that the tiles read as they read f32 panels, or
 /// - `Pairs`: where the CPU multiplies bf16 pairs ([`Bf16Pairs`](super::tile)), as
 ///   words of two inputs' values of an output (input 2 w in the lower half, 2 w + 1,
 ///   or zero past k, in the upper), laid out as f32 panels of `k.div_ceil(2)` rows
@@ -124,6 +126,7 @@ struct Packed {
 enum Panels {
     F32(Aligned),
     Bf16(Vec<u16>),
+    F16(Vec<u16>),
     Pairs(Aligned),
 }
 
@@ -135,6 +138,8 @@ enum Form {
     Bf16Widened,
     /// bf16 on the pair tile: `Panels::Pairs`.
     Bf16Pairs,
+    /// f16 weights, f32 inputs and arithmetic: `Panels::F16`.
+    F16Widened,
 }
 
 /// Whether this CPU multiplies bf16 pairs on the tile (AVX512-BF16): `pay`, where
@@ -210,7 +215,7 @@ impl Packed {
     /// bf16 arithmetic: the weight was rounded to bf16 when packed, and each input is
     /// rounded as it is packed.
     fn bf16(&self) -> bool {
-        !matches!(self.panels, Panels::F32(_))
+        matches!(self.panels, Panels::Bf16(_) | Panels::Pairs(_))
     }
 
     /// Rows of the panels and of the packed inputs: k values, or k / 2 words of bf16
@@ -251,6 +256,10 @@ impl Packed {
                 super::bf16_matmul::widen_bf16(&p[at..][..len], &mut scratch[..len]);
                 scratch.as_ptr()
             }
+            Panels::F16(p) => {
+                widen_f16(&p[at..][..len], &mut scratch[..len]);
+                scratch.as_ptr()
+            }
         }
     }
 
@@ -262,7 +271,7 @@ impl Packed {
             Panels::F32(p) | Panels::Pairs(p) => {
                 (p.as_slice()[at..].as_ptr() as *const i8, len * 4 / 64)
             }
-            Panels::Bf16(p) => (p[at..].as_ptr() as *const i8, len * 2 / 64),
+            Panels::Bf16(p) | Panels::F16(p) => (p[at..].as_ptr() as *const i8, len * 2 / 64),
         }
     }
 
@@ -279,7 +288,7 @@ impl Packed {
     fn widened(&self, values: usize) -> usize {
         match self.panels {
             Panels::F32(_) | Panels::Pairs(_) => 0,
-            Panels::Bf16(_) => values,
+            Panels::Bf16(_) | Panels::F16(_) => values,
         }
     }
 
@@ -340,6 +349,12 @@ impl PackedLinear {
         Self::build(weight, bias, form)
     }
 
+    /// The layer with its weight rounded to f16 and kept so (f16 models on the CPU):
+    /// products and sums in f32, the inputs as they are.
+    pub fn with_f16_weights(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        Self::build(weight, bias, Form::F16Widened)
+    }
+
     fn build(weight: &Tensor, bias: Option<&Tensor>, form: Form) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         if k == 0 || n == 0 {
@@ -358,6 +373,11 @@ impl PackedLinear {
                 let mut panels = vec![0u16; np * k];
                 fill_panels(&mut panels, &w, k, super::bf16_matmul::bf16_bits);
                 Panels::Bf16(panels)
+            }
+            Form::F16Widened => {
+                let mut panels = vec![0u16; np * k];
+                fill_panels(&mut panels, &w, k, |v| half::f16::from_f32(v).to_bits());
+                Panels::F16(panels)
             }
             Form::F32 => {
                 let mut panels = Aligned::zeros(np * k);
@@ -561,6 +581,60 @@ impl CustomOp1 for PanelMatmul<'_> {
 
 /// `x`, or `x` rounded to the nearest bf16 (as f32) for a layer in bf16.
 #[inline(always)]
+/// f16 bits to the f32 values they are (exact), with F16C's conversion where the CPU
+/// has it (every CPU the tiles run on), 16 or 8 values an instruction.
+fn widen_f16(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F, which the function is compiled for.
+            done = unsafe { widen_f16_avx512(&src[..n], &mut dst[..n]) };
+        } else if std::arch::is_x86_feature_detected!("f16c")
+            && std::arch::is_x86_feature_detected!("avx")
+        {
+            // SAFETY: the CPU has F16C and AVX, which the function is compiled for.
+            done = unsafe { widen_f16_f16c(&src[..n], &mut dst[..n]) };
+        }
+    }
+    for (d, &h) in dst[done..n].iter_mut().zip(&src[done..n]) {
+        *d = half::f16::from_bits(h).to_f32();
+    }
+}
+
+/// Widens the whole vectors of 16 at the start of `src` into `dst`; returns how many.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_f16_avx512(src: &[u16], dst: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let whole = src.len() / 16 * 16;
+    for (s, d) in src[..whole].chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
+        // SAFETY: 16 u16 (256 bits) read and 16 f32 written, in bounds (unaligned ops).
+        unsafe {
+            let h = _mm256_loadu_si256(s.as_ptr() as *const __m256i);
+            _mm512_storeu_ps(d.as_mut_ptr(), _mm512_cvtph_ps(h));
+        }
+    }
+    whole
+}
+
+/// As [`widen_f16_avx512`], 8 at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16_f16c(src: &[u16], dst: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let whole = src.len() / 8 * 8;
+    for (s, d) in src[..whole].chunks_exact(8).zip(dst.chunks_exact_mut(8)) {
+        // SAFETY: 8 u16 (128 bits) read and 8 f32 written, in bounds (unaligned ops).
+        unsafe {
+            let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
+    whole
+}
+
 fn rounded(x: f32, bf16: bool) -> f32 {
     if bf16 {
         super::bf16_matmul::round_to_bf16_f32(x)
@@ -862,9 +936,11 @@ mod tests {
     ) -> Result<Vec<(Form, PackedLinear, Tensor)>> {
         let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
         let rounded = reference(&round(x)?, &round(w)?, b, channels_first)?;
+        let w_f16 = w.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
         let mut forms = vec![
             (Form::F32, reference(x, w, b, channels_first)?),
             (Form::Bf16Widened, rounded.clone()),
+            (Form::F16Widened, reference(x, &w_f16, b, channels_first)?),
         ];
         if pairs_available(false) {
             forms.push((Form::Bf16Pairs, rounded));
@@ -875,6 +951,22 @@ mod tests {
             .into_iter()
             .map(|(form, want)| Ok((form, PackedLinear::build(w, Some(b), form)?, want)))
             .collect()
+    }
+
+    #[test]
+    fn f16_widens_to_the_value_of_every_bit_pattern() {
+        // all 65536 f16 values (subnormals, infinities and NaNs too), at an odd
+        // length so that the scalar tail runs after the vectors
+        let src: Vec<u16> = (0..=u16::MAX).chain([0x3c00]).collect();
+        let mut dst = vec![0f32; src.len()];
+        widen_f16(&src, &mut dst);
+        for (&h, &d) in src.iter().zip(&dst) {
+            let want = half::f16::from_bits(h).to_f32();
+            assert!(
+                d.to_bits() == want.to_bits() || (d.is_nan() && want.is_nan()),
+                "{h:#06x}: {d} against {want}"
+            );
+        }
     }
 
     #[test]
