@@ -295,8 +295,9 @@ fn build(component: Component, spec: &BenchSpec, device: &Device) -> Result<(usi
             } else {
                 (ClipTextConfig::official_decoder(), 1)
             };
-            // the pipelines run the text encoders in f32 whatever the dtype
-            let model = random_model(DType::F32, device, |vb| ClipTextModel::new(&cfg, vb))?;
+            // in the dtype the pipelines run them in
+            let dtype = pipeline::text_encoder_dtype(wt, device);
+            let model = random_model(dtype, device, |vb| ClipTextModel::new(&cfg, vb))?;
             let (ids, mask) = prompt_ids(batch, device)?;
             (batch, Box::new(move |_| Ok(model.forward(&ids, &mask)?)))
         }

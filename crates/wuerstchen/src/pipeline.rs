@@ -208,6 +208,17 @@ pub struct Sizes {
     pub image: (usize, usize),
 }
 
+/// The dtype the text encoders are built in for stages in `dtype`: f32 on a GPU;
+/// on the CPU, bf16 and f16 like the stages (16-bit linear layers on f32
+/// activations: the prior's CLIP bigG in f32, 2.8 GB, was the peak of a bf16 image).
+pub fn text_encoder_dtype(dtype: DType, device: &Device) -> DType {
+    if crate::kernels::linear_kind::half_on_cpu(dtype, device) {
+        dtype
+    } else {
+        DType::F32
+    }
+}
+
 /// The Stage C latent (ph, pw) and Stage B latent (dh, dw) of an image, as diffusers
 /// computes them: ceil(side / resolution_multiple), then times latent_dim_scale,
 /// truncated.
@@ -365,8 +376,9 @@ impl WuerstchenPipeline {
         root: &Path,
         slot: &Mutex<Option<ClipTextModel>>,
     ) -> Result<ClipTextModel> {
+        let dtype = text_encoder_dtype(self.dtype, &self.device);
         self.model(slot, || {
-            Ok(ClipTextModel::load(&root.join("text_encoder"), DType::F32, &self.device)?.0)
+            Ok(ClipTextModel::load(&root.join("text_encoder"), dtype, &self.device)?.0)
         })
     }
 
