@@ -579,8 +579,6 @@ impl CustomOp1 for PanelMatmul<'_> {
     }
 }
 
-/// `x`, or `x` rounded to the nearest bf16 (as f32) for a layer in bf16.
-#[inline(always)]
 /// f16 bits to the f32 values they are (exact), with F16C's conversion where the CPU
 /// has it (every CPU the tiles run on), 16 or 8 values an instruction.
 fn widen_f16(src: &[u16], dst: &mut [f32]) {
@@ -635,6 +633,8 @@ unsafe fn widen_f16_f16c(src: &[u16], dst: &mut [f32]) -> usize {
     whole
 }
 
+/// `x`, or `x` rounded to the nearest bf16 (as f32) for a layer in bf16.
+#[inline(always)]
 fn rounded(x: f32, bf16: bool) -> f32 {
     if bf16 {
         super::bf16_matmul::round_to_bf16_f32(x)
@@ -958,14 +958,34 @@ mod tests {
         // all 65536 f16 values (subnormals, infinities and NaNs too), at an odd
         // length so that the scalar tail runs after the vectors
         let src: Vec<u16> = (0..=u16::MAX).chain([0x3c00]).collect();
+        let check = |dst: &[f32], done: usize| {
+            for (&h, &d) in src[..done].iter().zip(dst) {
+                let want = half::f16::from_bits(h).to_f32();
+                assert!(
+                    d.to_bits() == want.to_bits() || (d.is_nan() && want.is_nan()),
+                    "{h:#06x}: {d} against {want}"
+                );
+            }
+        };
         let mut dst = vec![0f32; src.len()];
         widen_f16(&src, &mut dst);
-        for (&h, &d) in src.iter().zip(&dst) {
-            let want = half::f16::from_bits(h).to_f32();
-            assert!(
-                d.to_bits() == want.to_bits() || (d.is_nan() && want.is_nan()),
-                "{h:#06x}: {d} against {want}"
-            );
+        check(&dst, src.len());
+        // and each vector form this CPU has on its own
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") {
+                dst.fill(0.0);
+                // SAFETY: the CPU has the function's features.
+                let done = unsafe { widen_f16_avx512(&src, &mut dst) };
+                check(&dst, done);
+            }
+            if has!("f16c") && has!("avx") {
+                dst.fill(0.0);
+                // SAFETY: as above.
+                let done = unsafe { widen_f16_f16c(&src, &mut dst) };
+                check(&dst, done);
+            }
         }
     }
 
