@@ -210,7 +210,7 @@ pub struct Sizes {
 
 /// The dtype the text encoders are built in for stages in `dtype`: f32 on a GPU;
 /// on the CPU, bf16 and f16 like the stages (16-bit linear layers on f32
-/// activations: the prior's CLIP bigG in f32, 2.8 GB, was the peak of a bf16 image).
+/// activations: the prior's CLIP bigG in f32, 2.9 GB, was the peak of a bf16 image).
 pub fn text_encoder_dtype(dtype: DType, device: &Device) -> DType {
     if crate::kernels::linear_kind::half_on_cpu(dtype, device) {
         dtype
