@@ -243,13 +243,11 @@ pub fn conv_transpose2d(
     vb: VarBuilder,
 ) -> Result<ConvTranspose2d> {
     let conv = candle_nn::conv_transpose2d(c_in, c_out, kernel, cfg, vb)?;
-    // bf16 and f16 models on the CPU keep f32 activations and give their transposed
-    // convs f32 weights, so these take our f32 kernel too (`new` declines where it
-    // cannot run)
-    let packed = if matches!(
-        linear_kind::building(),
-        LinearKind::PackedF32 | LinearKind::Bf16 | LinearKind::F16
-    ) && cfg.dilation == 1
+    // every kind but candle's is a model built for inference on the CPU in f32
+    // activations (bf16 and f16 ones give their transposed convs f32 weights), so
+    // these take our f32 kernel (`new` declines where it cannot run)
+    let packed = if linear_kind::building() != LinearKind::Candle
+        && cfg.dilation == 1
         && cfg.output_padding == 0
     {
         PackedConvTranspose::new(conv.weight(), conv.bias(), cfg.stride, cfg.padding)?
