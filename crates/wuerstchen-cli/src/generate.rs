@@ -22,7 +22,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let dtype = parse_dtype(&args.dtype)?;
     let device = parse_device(&args.device)?;
-    let (prior_dir, decoder_dir) = locate_models(args.prior, args.decoder)?;
+    let (prior_dir, decoder_dir) = locate_models(args.prior, args.decoder, !args.quiet)?;
     let pipeline = WuerstchenPipeline::open(&prior_dir, &decoder_dir, device, dtype)?;
     let d = args.sampling.over(pipeline.defaults());
     let mut params = GenerationParams {
@@ -103,16 +103,18 @@ pub fn parse_device(s: &str) -> Result<Device> {
 }
 
 /// The pipeline folders: `--prior/--decoder` (a folder, or a hub id such as
-/// `warp-ai/wuerstchen-prior` found in the Hugging Face cache); without them, the
-/// embedded default model. One without the other would pair two unrelated models.
+/// `warp-ai/wuerstchen-prior`, fetched into or found in the Hugging Face cache);
+/// without them, the embedded default model. One without the other would pair two
+/// unrelated models. `progress`: download bars on the terminal.
 pub fn locate_models(
     prior: Option<PathBuf>,
     decoder: Option<PathBuf>,
+    progress: bool,
 ) -> Result<(PathBuf, PathBuf)> {
     match (prior, decoder) {
         (Some(prior), Some(decoder)) => Ok((
-            resolve(prior, "--prior", "prior")?,
-            resolve(decoder, "--decoder", "decoder")?,
+            resolve(prior, "--prior", "prior", progress)?,
+            resolve(decoder, "--decoder", "decoder", progress)?,
         )),
         (None, None) => {
             let root = default_model::materialize()?;
@@ -134,27 +136,74 @@ pub fn locate_models(
     }
 }
 
-/// A folder as given, or a hub id resolved in the local Hugging Face cache.
-fn resolve(given: PathBuf, flag: &str, marker: &str) -> Result<PathBuf> {
+/// A folder as given, or a hub id: with the `hub` feature its current revision,
+/// downloaded into the Hugging Face cache where files are missing (as diffusers
+/// does; `HF_HUB_OFFLINE=1` skips the hub), else, or when the hub cannot be reached,
+/// the snapshot already in the cache.
+fn resolve(given: PathBuf, flag: &str, marker: &str, progress: bool) -> Result<PathBuf> {
     let text = given.to_string_lossy().into_owned();
     let looks_like_id = !given.exists() && text.split('/').count() == 2 && !text.starts_with('.');
     if !looks_like_id {
         return Ok(given);
     }
     let cache = hub::cache_dir();
+    let not_fetched = match fetch(&text, marker, cache.as_deref(), progress) {
+        Ok(snapshot) => return Ok(snapshot),
+        Err(why) => why,
+    };
     if let Some(found) = cache
         .as_ref()
         .and_then(|c| hub::cached_snapshot(c, &text, marker))
     {
+        if let NotFetched::Failed(why) = &not_fetched {
+            eprintln!(
+                "{flag} {text}: using the cached snapshot {} ({why})",
+                found.display()
+            );
+        }
         return Ok(found);
     }
     let looked = cache
         .map(|c| c.display().to_string())
         .unwrap_or_else(|| "(no cache folder)".into());
+    let why = match not_fetched {
+        NotFetched::Skipped(why) => why.to_string(),
+        NotFetched::Failed(why) => why,
+    };
     bail!(
         "{flag} {text}: no such folder, and no snapshot of {text} with a {marker}/ folder in the Hugging Face \
-         cache at {looked}: pass {flag} DIR (a diffusers pipeline folder)"
+         cache at {looked} ({why}): pass {flag} DIR (a diffusers pipeline folder)"
     )
+}
+
+/// Why a hub id was not fetched: not tried, or tried and failed.
+#[cfg_attr(not(feature = "hub"), allow(dead_code))]
+enum NotFetched {
+    Skipped(&'static str),
+    Failed(String),
+}
+
+/// The hub's current revision of `repo`, in `cache`.
+#[cfg(feature = "hub")]
+fn fetch(
+    repo: &str,
+    marker: &str,
+    cache: Option<&Path>,
+    progress: bool,
+) -> std::result::Result<PathBuf, NotFetched> {
+    match cache {
+        _ if hub::offline() => Err(NotFetched::Skipped("HF_HUB_OFFLINE is set")),
+        None => Err(NotFetched::Skipped("no cache folder to download into")),
+        Some(cache) => hub::download(repo, marker, cache, progress)
+            .map_err(|e| NotFetched::Failed(format!("not downloaded: {e}"))),
+    }
+}
+
+#[cfg(not(feature = "hub"))]
+fn fetch(_: &str, _: &str, _: Option<&Path>, _: bool) -> std::result::Result<PathBuf, NotFetched> {
+    Err(NotFetched::Skipped(
+        "this build does not download: it lacks the `hub` feature",
+    ))
 }
 
 /// `out.png` for one image; `out-0.png`, `out-1.png`, ... in the same folder for more.

@@ -237,7 +237,7 @@ fn serve(
         .ok()
         .and_then(|mut a| a.next())
         .with_context(|| format!("--host {host} --port {port} is not an address to listen on"))?;
-    let (prior, decoder) = generate::locate_models(prior, decoder)?;
+    let (prior, decoder) = generate::locate_models(prior, decoder, true)?;
     let spec = wuerstchen_server::worker::ModelSpec {
         prior,
         decoder,
@@ -262,7 +262,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     if a.count == 0 {
         anyhow::bail!("--count 0: nothing to judge (at least 1 caption)");
     }
-    let (prior, decoder) = generate::locate_models(a.prior, a.decoder)?;
+    let (prior, decoder) = generate::locate_models(a.prior, a.decoder, true)?;
     let pipeline = wuerstchen::pipeline::WuerstchenPipeline::open(
         &prior,
         &decoder,

@@ -497,11 +497,12 @@ fn default_size_and_guidance_follow_the_model_folder() {
 }
 
 #[test]
-fn hub_ids_are_found_in_the_hugging_face_cache() {
+fn hub_ids_are_found_in_the_hugging_face_cache_offline() {
     let cache = scratch("hfcache");
     let run = |out: &Path| {
         bin()
             .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
             .args(["generate", "x", "--quiet", "--seed", "1", "--out"])
             .arg(out)
             .args(TINY)
@@ -520,6 +521,9 @@ fn hub_ids_are_found_in_the_hugging_face_cache() {
     assert!(!res.status.success());
     assert!(stderr.contains("pass --prior DIR"), "{stderr}");
     assert!(stderr.contains(&cache.display().to_string()), "{stderr}");
+    if cfg!(feature = "hub") {
+        assert!(stderr.contains("HF_HUB_OFFLINE is set"), "{stderr}");
+    }
     assert!(!cache.join("none.png").exists());
     // the official repos' snapshot layout
     for (repo, part) in [("wuerstchen-prior", "prior"), ("wuerstchen", "decoder")] {

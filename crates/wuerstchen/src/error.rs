@@ -53,6 +53,14 @@ pub enum Error {
     #[error("{0}")]
     InvalidParameter(String),
 
+    /// Fetching a hub repository (the `hub` feature) failed.
+    #[error("{repo} from {endpoint}: {message}")]
+    Download {
+        repo: String,
+        endpoint: String,
+        message: String,
+    },
+
     #[error("canceled")]
     Canceled,
 

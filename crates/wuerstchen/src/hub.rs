@@ -1,6 +1,11 @@
-//! Finding the official pipelines in a local Hugging Face cache (no network).
+//! The official pipelines in the Hugging Face cache: found there and, with the `hub`
+//! feature, downloaded into it, in the layout huggingface_hub writes
+//! (`models--org--name/{blobs,refs,snapshots/<commit>}`), so that Python and this
+//! binary share one cache.
 
 use std::path::{Path, PathBuf};
+
+use crate::pipeline::{DECODER_FOLDERS, PRIOR_FOLDERS};
 
 pub const PRIOR_REPO: &str = "warp-ai/wuerstchen-prior";
 pub const DECODER_REPO: &str = "warp-ai/wuerstchen";
@@ -16,16 +21,250 @@ pub fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
 }
 
-/// The snapshot of `repo` in `cache` that holds `marker` (a sub-folder), if any.
+/// `HF_HUB_OFFLINE` as huggingface_hub reads it: 1, on, yes or true, in any case.
+pub fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| ["1", "on", "yes", "true"].contains(&v.to_ascii_lowercase().as_str()))
+}
+
+fn repo_dir(cache: &Path, repo: &str) -> PathBuf {
+    cache.join(format!("models--{}", repo.replace('/', "--")))
+}
+
+/// The snapshot of `repo` in `cache` that holds `marker` (a sub-folder), if any: the
+/// one `refs/main` names (the revision downloaded last), else the newest.
 pub fn cached_snapshot(cache: &Path, repo: &str, marker: &str) -> Option<PathBuf> {
-    let snapshots = cache
-        .join(format!("models--{}", repo.replace('/', "--")))
-        .join("snapshots");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(snapshots)
+    let root = repo_dir(cache, repo);
+    let snapshots = root.join("snapshots");
+    if let Ok(main) = std::fs::read_to_string(root.join("refs/main")) {
+        let snap = snapshots.join(main.trim());
+        if snap.join(marker).is_dir() {
+            return Some(snap);
+        }
+    }
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(snapshots)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join(marker).is_dir())
+        .map(|p| {
+            (
+                p.metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                p,
+            )
+        })
         .collect();
     found.sort();
-    found.pop()
+    found.pop().map(|(_, p)| p)
+}
+
+/// The sub-folders read from a repository whose pipeline holds `marker` (`prior` or
+/// `decoder`): the ones the pipeline needs, and `scheduler/` (its config, when there).
+pub fn folders_for(marker: &str) -> Vec<&'static str> {
+    let needed = if marker == "prior" {
+        PRIOR_FOLDERS
+    } else {
+        DECODER_FOLDERS
+    };
+    needed.iter().copied().chain(["scheduler"]).collect()
+}
+
+/// Of a repository's files, the ones a pipeline reads from `folders`:
+/// `model_index.json` and, directly in each folder, its JSON and text files (configs,
+/// tokenizer) and its safetensors weights, all without a variant tag. That is what
+/// diffusers loads by default: not `*.fp16.safetensors` (`variant="fp16"`), nor
+/// `.bin`, `.msgpack` or `.onnx` copies, each as large as the weights themselves.
+pub fn needed_files<'a>(files: &'a [String], folders: &[&str]) -> Vec<&'a str> {
+    files
+        .iter()
+        .map(String::as_str)
+        .filter(|f| {
+            if *f == "model_index.json" {
+                return true;
+            }
+            let Some((folder, name)) = f.split_once('/') else {
+                return false;
+            };
+            let kind = name.rsplit('.').next().unwrap_or("");
+            folders.contains(&folder)
+                && !name.contains('/')
+                && ["json", "txt", "safetensors"].contains(&kind)
+                && variant_tag(name).is_none()
+        })
+        .collect()
+}
+
+/// The variant tag of a file name in diffusers' naming, if any: `fp16` in
+/// `diffusion_pytorch_model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`
+/// and `model.safetensors.index.fp16.json`; none in `model-00001-of-00002.safetensors`.
+fn variant_tag(name: &str) -> Option<&str> {
+    name.split('.')
+        .skip(1)
+        .map(|part| part.split('-').next().unwrap_or(part))
+        .find(|part| !["safetensors", "index", "json", "txt"].contains(part))
+}
+
+#[cfg(feature = "hub")]
+pub use download::download;
+
+#[cfg(feature = "hub")]
+mod download {
+    use std::path::{Path, PathBuf};
+
+    use hf_hub::api::sync::{ApiBuilder, ApiError};
+
+    use super::{folders_for, needed_files, repo_dir};
+    use crate::error::{Error, Result};
+
+    /// Brings the files of `repo`'s current revision that a pipeline holding `marker`
+    /// reads into `cache` (those already there are not fetched again), with a
+    /// progress bar per file when `progress`; returns the snapshot folder.
+    ///
+    /// It asks the hub for the file list each time, as diffusers does: a snapshot
+    /// cut off half-way looks whole on disk, and the list is what tells. `HF_ENDPOINT`
+    /// names another hub (a mirror), `HF_TOKEN` or the cache's `token` file the token.
+    pub fn download(repo: &str, marker: &str, cache: &Path, progress: bool) -> Result<PathBuf> {
+        let endpoint =
+            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+        let failed = |doing: String, cause: String| Error::Download {
+            repo: repo.to_string(),
+            endpoint: endpoint.clone(),
+            message: format!("{doing}: {cause}"),
+        };
+        let token = std::env::var("HF_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| hf_hub::Cache::new(cache.to_path_buf()).token());
+        let api = ApiBuilder::from_cache(hf_hub::Cache::new(cache.to_path_buf()))
+            .with_endpoint(endpoint.clone())
+            .with_token(token)
+            .with_progress(progress)
+            .with_retries(2)
+            .build()
+            .map_err(|e| failed("starting the client".into(), e.to_string()))?;
+        let hub_repo = api.model(repo.to_string());
+        let info = hub_repo
+            .info()
+            .map_err(|e| failed("listing its files".into(), explained(&e)))?;
+        let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        let needed = needed_files(&files, &folders_for(marker));
+        let config = format!("{marker}/config.json");
+        if !needed.contains(&config.as_str()) {
+            return Err(failed(
+                "listing its files".into(),
+                format!("it has no {config}: not a Würstchen {marker} pipeline"),
+            ));
+        }
+        let snapshot = repo_dir(cache, repo).join("snapshots").join(&info.sha);
+        for file in needed {
+            if snapshot.join(file).is_file() {
+                continue;
+            }
+            let got = hub_repo
+                .download(file)
+                .map_err(|e| failed(format!("downloading {file}"), explained(&e)))?;
+            if !got.starts_with(&snapshot) {
+                return Err(failed(
+                    format!("downloading {file}"),
+                    format!(
+                        "the repository moved on from revision {} while downloading; run again",
+                        info.sha
+                    ),
+                ));
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// The client's error, with what a user can do about the statuses that say more
+    /// than their number.
+    fn explained(e: &ApiError) -> String {
+        let status = match e {
+            ApiError::RequestError(r) => match r.as_ref() {
+                ureq::Error::Status(code, _) => Some(*code),
+                _ => None,
+            },
+            _ => None,
+        };
+        match status {
+            Some(401 | 403 | 404) => {
+                format!("{e} (no such repository or file, or a private or gated one: set HF_TOKEN)")
+            }
+            _ => e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn needed_files_are_a_pipelines_configs_and_plain_safetensors() {
+        let files: Vec<String> = [
+            ".gitattributes",
+            "README.md",
+            "model_index.json",
+            "prior/config.json",
+            "prior/diffusion_pytorch_model.safetensors",
+            "prior/diffusion_pytorch_model.fp16.safetensors",
+            "prior/diffusion_pytorch_model.bin",
+            "text_encoder/config.json",
+            "text_encoder/model-00001-of-00002.safetensors",
+            "text_encoder/model-00002-of-00002.safetensors",
+            "text_encoder/model.safetensors.index.json",
+            "text_encoder/model.fp16-00001-of-00002.safetensors",
+            "text_encoder/model.safetensors.index.fp16.json",
+            "text_encoder/flax_model.msgpack",
+            "tokenizer/merges.txt",
+            "tokenizer/vocab.json",
+            "tokenizer/special_tokens_map.json",
+            "scheduler/scheduler_config.json",
+            "decoder/config.json",
+            "prior/nested/config.json",
+        ]
+        .map(String::from)
+        .to_vec();
+        let got = needed_files(&files, &folders_for("prior"));
+        assert_eq!(
+            got,
+            [
+                "model_index.json",
+                "prior/config.json",
+                "prior/diffusion_pytorch_model.safetensors",
+                "text_encoder/config.json",
+                "text_encoder/model-00001-of-00002.safetensors",
+                "text_encoder/model-00002-of-00002.safetensors",
+                "text_encoder/model.safetensors.index.json",
+                "tokenizer/merges.txt",
+                "tokenizer/vocab.json",
+                "tokenizer/special_tokens_map.json",
+                "scheduler/scheduler_config.json",
+            ]
+        );
+        let decoder = needed_files(&files, &folders_for("decoder"));
+        assert!(decoder.contains(&"decoder/config.json"), "{decoder:?}");
+        assert!(!decoder.contains(&"prior/config.json"), "{decoder:?}");
+    }
+
+    #[test]
+    fn the_snapshot_refs_main_names_wins_over_a_newer_one() {
+        let cache = std::env::temp_dir().join(format!("wuerstchen-hub-{}", std::process::id()));
+        let root = repo_dir(&cache, "org/name");
+        for snap in ["aaa", "bbb"] {
+            std::fs::create_dir_all(root.join("snapshots").join(snap).join("prior")).unwrap();
+        }
+        std::fs::create_dir_all(root.join("snapshots/ccc")).unwrap();
+        // without refs/main: the newest that holds the marker ("ccc" does not)
+        let newest = cached_snapshot(&cache, "org/name", "prior").unwrap();
+        assert_eq!(newest, root.join("snapshots/bbb"));
+        std::fs::create_dir_all(root.join("refs")).unwrap();
+        std::fs::write(root.join("refs/main"), "aaa").unwrap();
+        let main = cached_snapshot(&cache, "org/name", "prior").unwrap();
+        assert_eq!(main, root.join("snapshots/aaa"));
+        assert_eq!(cached_snapshot(&cache, "org/name", "decoder"), None);
+        assert_eq!(cached_snapshot(&cache, "org/other", "prior"), None);
+        std::fs::remove_dir_all(cache).unwrap();
+    }
 }

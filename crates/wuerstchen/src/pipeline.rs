@@ -276,6 +276,12 @@ struct Loaded {
     vqgan: Mutex<Option<PaellaVQModel>>,
 }
 
+/// The sub-folders a prior pipeline folder must hold (`scheduler/` is optional:
+/// diffusers' defaults without it).
+pub const PRIOR_FOLDERS: &[&str] = &["prior", "text_encoder", "tokenizer"];
+/// The sub-folders a decoder pipeline folder must hold.
+pub const DECODER_FOLDERS: &[&str] = &["decoder", "vqgan", "text_encoder", "tokenizer"];
+
 fn require_dirs(root: &Path, flag: &str, parts: &[&str]) -> Result<()> {
     if !root.is_dir() {
         return Err(Error::InvalidInput(format!(
@@ -320,16 +326,8 @@ impl WuerstchenPipeline {
         device: Device,
         dtype: DType,
     ) -> Result<Self> {
-        require_dirs(
-            prior_dir,
-            "--prior",
-            &["prior", "text_encoder", "tokenizer"],
-        )?;
-        require_dirs(
-            decoder_dir,
-            "--decoder",
-            &["decoder", "vqgan", "text_encoder", "tokenizer"],
-        )?;
+        require_dirs(prior_dir, "--prior", PRIOR_FOLDERS)?;
+        require_dirs(decoder_dir, "--decoder", DECODER_FOLDERS)?;
         let prior: PriorConfig = crate::config::load_config(&prior_dir.join("prior/config.json"))?;
         let decoder: DiffNeXtConfig =
             crate::config::load_config(&decoder_dir.join("decoder/config.json"))?;
