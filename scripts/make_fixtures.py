@@ -363,30 +363,40 @@ def resize_fixture(gen):
 
 
 # ---------------------------------------------------------------- full-size layouts
+# The official architectures (REFERENCE.md), by component; scripts/full_size_parity.py
+# builds them too.
+FULL_SIZE_CONFIGS = {
+    "prior": dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1),
+    "decoder": dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1024, c_hidden=[320, 640, 1280, 1280],
+                    nhead=[-1, 10, 20, 20], blocks=[4, 4, 14, 4], level_config=["CT", "CTA", "CTA", "CTA"],
+                    inject_effnet=[False, True, True, True], effnet_embd=16, clip_embd=1024, kernel_size=3,
+                    dropout=0.1),
+    "vqgan": dict(in_channels=3, out_channels=3, up_down_scale_factor=2, levels=2, bottleneck_blocks=12,
+                  embed_dim=384, latent_channels=4, num_vq_embeddings=8192, scale_factor=0.3764),
+    "prior_text_encoder": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                               num_attention_heads=20, hidden_act="gelu"),
+    "decoder_text_encoder": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                                 num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu"),
+}
+
+
+def build_full_size(name: str):
+    cfg = FULL_SIZE_CONFIGS[name]
+    if name == "prior":
+        return WuerstchenPrior(**cfg)
+    if name == "decoder":
+        return WuerstchenDiffNeXt(**cfg)
+    if name == "vqgan":
+        return PaellaVQModel(**cfg)
+    return CLIPTextModel(CLIPTextConfig(**cfg))
+
+
 def full_size_layouts():
     folder = OUT / "full_size"
     folder.mkdir(parents=True, exist_ok=True)
-    prior = dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1)
-    decoder = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1024, c_hidden=[320, 640, 1280, 1280],
-                   nhead=[-1, 10, 20, 20], blocks=[4, 4, 14, 4], level_config=["CT", "CTA", "CTA", "CTA"],
-                   inject_effnet=[False, True, True, True], effnet_embd=16, clip_embd=1024, kernel_size=3,
-                   dropout=0.1)
-    vqgan = dict(in_channels=3, out_channels=3, up_down_scale_factor=2, levels=2, bottleneck_blocks=12,
-                 embed_dim=384, latent_channels=4, num_vq_embeddings=8192, scale_factor=0.3764)
-    clip_g = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                  num_attention_heads=20, hidden_act="gelu")
-    clip_h = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16, hidden_act="gelu")
-    builders = {
-        "prior": lambda: WuerstchenPrior(**prior),
-        "decoder": lambda: WuerstchenDiffNeXt(**decoder),
-        "vqgan": lambda: PaellaVQModel(**vqgan),
-        "prior_text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**clip_g)),
-        "decoder_text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**clip_h)),
-    }
-    for name, build in builders.items():
+    for name in FULL_SIZE_CONFIGS:
         with torch.device("meta"):
-            model = build()
+            model = build_full_size(name)
         params = {k for k, _ in model.named_parameters()}
         layout = {
             "parameters": sum(p.numel() for p in model.parameters()),
