@@ -1,7 +1,8 @@
 //! Hub ids downloaded (the `hub` feature, on by default): `generate` against a hub
 //! of our own on loopback that speaks the Hugging Face API the way huggingface.co
-//! does (`/api/models/{repo}/revision/main`, `/{repo}/resolve/main/{file}` with
-//! ranges, `etag` and `x-repo-commit`), serving the fixture pipelines.
+//! does (`/api/models/{repo}/revision/main`; `/{repo}/resolve/main/{file}` with
+//! ranges, `etag` and `x-repo-commit`, and for weights a redirect to a CDN path with
+//! `x-linked-etag`), serving the fixture pipelines.
 #![cfg(feature = "hub")]
 
 mod common;
@@ -66,7 +67,7 @@ impl Hub {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                answer(stream, &repos, &seen);
+                answer(stream, port, &repos, &seen);
             }
         });
         Hub { port, requests }
@@ -91,7 +92,7 @@ impl Hub {
 }
 
 /// One HTTP/1.1 exchange, then the connection is closed.
-fn answer(stream: TcpStream, repos: &BTreeMap<String, Repo>, seen: &Mutex<Vec<String>>) {
+fn answer(stream: TcpStream, port: u16, repos: &BTreeMap<String, Repo>, seen: &Mutex<Vec<String>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
@@ -131,30 +132,44 @@ fn answer(stream: TcpStream, repos: &BTreeMap<String, Repo>, seen: &Mutex<Vec<St
         }
     } else if let Some((id, file)) = path.split_once("/resolve/main/") {
         let id = id.trim_start_matches('/');
-        seen.lock().unwrap().push(format!(
-            "{id}/{file} bytes={}",
-            range.clone().unwrap_or_default()
-        ));
         match found(id).and_then(|files| files.get(file)) {
-            Some(bytes) => {
-                let start: usize = range
-                    .as_deref()
-                    .and_then(|r| r.split('-').next())
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                let end = match range.as_deref().and_then(|r| r.split('-').nth(1)) {
-                    Some(e) if !e.is_empty() => e.parse::<usize>().unwrap() + 1,
-                    _ => bytes.len(),
-                };
-                let etag = format!("\"{:016x}\"", fnv(bytes));
+            // weights live in LFS: the hub answers with its metadata and a redirect
+            // to a CDN host, as huggingface.co does
+            Some(bytes) if file.ends_with(".safetensors") => {
                 let headers = vec![
-                    format!("etag: {etag}"),
+                    format!("location: http://127.0.0.1:{port}/cdn/{id}/{file}"),
+                    format!("x-linked-etag: \"{:016x}\"", fnv(bytes)),
                     format!("x-repo-commit: {SHA}"),
-                    format!("content-range: bytes {start}-{}/{}", end - 1, bytes.len()),
                 ];
-                ("206 Partial Content", headers, bytes[start..end].to_vec())
+                ("302 Found", headers, vec![])
+            }
+            Some(bytes) => {
+                seen.lock().unwrap().push(format!(
+                    "{id}/{file} bytes={}",
+                    range.clone().unwrap_or_default()
+                ));
+                let (status, mut headers, body) = ranged(bytes, range.as_deref());
+                headers.push(format!("etag: \"{:016x}\"", fnv(bytes)));
+                headers.push(format!("x-repo-commit: {SHA}"));
+                (status, headers, body)
             }
             None => ("404 Not Found", vec![], b"Entry not found".to_vec()),
+        }
+    } else if let Some((id, file)) = path.strip_prefix("/cdn/").and_then(|p| {
+        p.split_once('/').and_then(|(org, rest)| {
+            rest.split_once('/')
+                .map(|(name, file)| (format!("{org}/{name}"), file))
+        })
+    }) {
+        match found(&id).and_then(|files| files.get(file)) {
+            Some(bytes) => {
+                seen.lock().unwrap().push(format!(
+                    "{id}/{file} bytes={}",
+                    range.clone().unwrap_or_default()
+                ));
+                ranged(bytes, range.as_deref())
+            }
+            None => ("404 Not Found", vec![], vec![]),
         }
     } else {
         ("404 Not Found", vec![], vec![])
@@ -172,6 +187,22 @@ fn answer(stream: TcpStream, repos: &BTreeMap<String, Repo>, seen: &Mutex<Vec<St
     let _ = out
         .write_all(head.as_bytes())
         .and_then(|_| out.write_all(&body));
+}
+
+/// The bytes a `Range: bytes=START-[END]` asks for (all without one), as 206.
+fn ranged(bytes: &[u8], range: Option<&str>) -> (&'static str, Vec<String>, Vec<u8>) {
+    let mut ends = range.unwrap_or("0-").split('-');
+    let start: usize = ends.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let end = match ends.next() {
+        Some(e) if !e.is_empty() => e.parse::<usize>().unwrap() + 1,
+        _ => bytes.len(),
+    };
+    let header = format!("content-range: bytes {start}-{}/{}", end - 1, bytes.len());
+    (
+        "206 Partial Content",
+        vec![header],
+        bytes[start..end].to_vec(),
+    )
 }
 
 /// FNV-1a, for etags that differ with the content (the cache names blobs by them).
