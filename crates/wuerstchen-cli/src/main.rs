@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use wuerstchen::forward::{run_forward, Component};
 use wuerstchen::pipeline::GenerationParams;
@@ -31,7 +31,7 @@ enum Command {
     /// Time the official full-size components (random weights) and the whole
     /// pipeline: median of N runs, GFLOP/s, peak memory.
     Bench(bench::BenchArgs),
-    /// Run one component's forward pass exactly as diffusers' module does (f32, CPU).
+    /// Run one component's forward pass exactly as diffusers' module does (f32 on the CPU unless --dtype / --device say otherwise).
     Forward {
         /// prior | decoder | vqgan-decode | vqgan-encode | text-encoder
         component: String,
@@ -44,6 +44,12 @@ enum Command {
         /// Where to write the result, as the F32 tensor `output`.
         #[arg(long)]
         output: PathBuf,
+        /// f32 | f16 | bf16: the component's dtype, as `generate --dtype` builds it
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// cpu | cuda | cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Generate images from a prompt: Stage C prior -> Stage B decoder -> Stage A.
     Generate(Box<GenerateArgs>),
@@ -337,7 +343,9 @@ fn main() -> ExitCode {
             model,
             inputs,
             output,
-        } => forward(&component, &model, &inputs, &output),
+            dtype,
+            device,
+        } => forward(&component, &model, &inputs, &output, &dtype, &device),
         Command::Generate(args) => generate::run(*args),
         Command::Inspect { file } => inspect(&file),
         Command::Serve {
@@ -371,11 +379,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn forward(component: &str, model: &Path, inputs: &Path, output: &Path) -> Result<()> {
+fn forward(
+    component: &str,
+    model: &Path,
+    inputs: &Path,
+    output: &Path,
+    dtype: &str,
+    device: &str,
+) -> Result<()> {
     let component: Component = component.parse()?;
+    let (dtype, device) = (
+        generate::parse_dtype(dtype)?,
+        generate::parse_device(device)?,
+    );
     let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(inputs, &Device::Cpu)
         .with_context(|| format!("cannot read inputs from {}", inputs.display()))?;
-    let out = run_forward(component, model, &tensors, &Device::Cpu, DType::F32)?;
+    let out = run_forward(component, model, &tensors, &device, dtype)?;
     let bytes = safetensors::serialize([("output", out)], None)?;
     wuerstchen::image_io::write_atomically(output, &bytes)?;
     Ok(())

@@ -63,6 +63,61 @@ fn every_component_matches_its_fixture_through_the_binary() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[test]
+fn dtype_builds_the_component_as_generate_does() {
+    let dir = scratch("dtype");
+    let f = fixtures().join("prior_b");
+    let run = |dtype: &str| {
+        let out = dir.join(format!("{dtype}.safetensors"));
+        let res = bin()
+            .args(["forward", "prior", "--model"])
+            .arg(f.join("model"))
+            .arg("--inputs")
+            .arg(f.join("inputs.safetensors"))
+            .arg("--output")
+            .arg(&out)
+            .args(["--dtype", dtype])
+            .output()
+            .unwrap();
+        (res, out)
+    };
+    let want = &candle_core::safetensors::load(f.join("expected.safetensors"), &Device::Cpu)
+        .unwrap()["output"];
+    let load =
+        |p: &Path| candle_core::safetensors::load(p, &Device::Cpu).unwrap()["output"].clone();
+    let (res, f32_out) = run("f32");
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let (res, bf16_out) = run("bf16");
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let (f32_out, bf16_out) = (load(&f32_out), load(&bf16_out));
+    assert_eq!(bf16_out.dtype(), DType::F32);
+    // bf16 ran (its rounding moves the output) and stayed within bf16's tolerance
+    let moved = (&bf16_out - &f32_out)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(moved.to_scalar::<f32>().unwrap() > 0.0);
+    let report = wuerstchen::parity::compare(&bf16_out, want).unwrap();
+    let scale = report.max_abs_expected.max(1.0);
+    assert!(report.max_abs_diff <= 5e-3 * scale, "{report}");
+    assert!(report.rms_diff <= 1e-3 * scale, "{report}");
+    let (res, out) = run("f64");
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("--dtype \"f64\""));
+    assert!(!out.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Runs a failing case: non-zero exit, a message containing `needle`, no output file.
 fn assert_fails(component: &str, model: &Path, inputs: &Path, needle: &str) {
     let dir = scratch(&format!("fail-{}", needle.len()));
