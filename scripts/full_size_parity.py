@@ -83,7 +83,8 @@ def distance(got: torch.Tensor, expected: torch.Tensor):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = ["prior", "decoder", "vqgan-decode", "prior-text-encoder", "decoder-text-encoder"]
-    ap.add_argument("components", nargs="*", choices=names, default=names)
+    # checked below: argparse tests an empty list against `choices` too
+    ap.add_argument("components", nargs="*", metavar="COMPONENT", help=f"{', '.join(names)} (default: all)")
     ap.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
                     help="ours in this dtype (the f32 weights rounded as `generate --dtype` rounds them) "
@@ -92,6 +93,8 @@ def main():
     ap.add_argument("--seed", type=int, default=20261207)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
+    if unknown := [c for c in args.components if c not in names]:
+        ap.error(f"unknown component {unknown[0]!r}: choose from {', '.join(names)}")
     binary = os.environ.get("WUERSTCHEN", str(ROOT / "target/release/wuerstchen"))
     torch.set_num_threads(args.threads)
     failed = False
