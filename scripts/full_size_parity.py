@@ -11,7 +11,7 @@ blocking, tiling and threading take paths tiny shapes do not. Too large to commi
     python3 -m venv /tmp/ref && /tmp/ref/bin/pip install -r scripts/requirements.txt
     cargo build --release
     /tmp/ref/bin/python scripts/full_size_parity.py [--size 1024] [--dtype f32|bf16|f16]
-        [--work DIR] [COMPONENT...]
+        [--device cpu|cuda] [--work DIR] [COMPONENT...]
 
 COMPONENT: prior, decoder, vqgan-decode, prior-text-encoder, decoder-text-encoder
 (default: all). WUERSTCHEN names the binary (default target/release/wuerstchen).
@@ -63,7 +63,9 @@ def inputs_for(component: str, size: int, gen: torch.Generator) -> dict:
     return dict(input_ids=ids, attention_mask=mask)
 
 
-def reference(component: str, model, inputs: dict) -> torch.Tensor:
+def reference(component: str, model, inputs: dict, device: str) -> torch.Tensor:
+    model = model.to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     with torch.no_grad():
         if component == "prior":
             return model(inputs["x"], inputs["r"], inputs["c"])
@@ -89,6 +91,8 @@ def main():
     ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
                     help="ours in this dtype (the f32 weights rounded as `generate --dtype` rounds them) "
                          "against diffusers' f32; for bf16 diffusers' own bf16 run beside it")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu | cuda | cuda:N: both sides run there (diffusers without TF32)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/wuerstchen-full-size"))
     ap.add_argument("--seed", type=int, default=20261207)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -97,6 +101,9 @@ def main():
         ap.error(f"unknown component {unknown[0]!r}: choose from {', '.join(names)}")
     binary = os.environ.get("WUERSTCHEN", str(ROOT / "target/release/wuerstchen"))
     torch.set_num_threads(args.threads)
+    # the f32 reference in f32: no TF32 in PyTorch's CUDA matmuls and convolutions
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     failed = False
     print(f"ours in {args.dtype} against diffusers' f32" + (", and diffusers' bf16 against its f32"
                                                             if args.dtype == "bf16" else ""))
@@ -110,7 +117,7 @@ def main():
         damp = {"prior": ("out.1",), "decoder": ("clf.1",), "vqgan": ("out_block.0",)}.get(built, ())
         model = redraw_(build_full_size(built), gen, damp=damp)
         inputs = inputs_for(component, args.size, gen)
-        expected = reference(component, model, inputs).float()
+        expected = reference(component, model, inputs, args.device).float().cpu()
         folder = args.work / component
         shutil.rmtree(folder, ignore_errors=True)
         model.save_pretrained(folder / "model", safe_serialization=True)
@@ -118,13 +125,13 @@ def main():
         if args.dtype == "bf16":
             # PyTorch's bf16 on this CPU (oneDNN): the yardstick for ours
             half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
-            theirs = distance(reference(component, model.bfloat16(), half), expected)
+            theirs = distance(reference(component, model.bfloat16(), half, args.device).cpu(), expected)
         del model
         save_file({k: v.contiguous() for k, v in inputs.items()}, folder / "inputs.safetensors")
         cli_component = "text-encoder" if component.endswith("text-encoder") else component
         subprocess.run([binary, "forward", cli_component, "--model", folder / "model", "--inputs",
                         folder / "inputs.safetensors", "--output", folder / "output.safetensors",
-                        "--dtype", args.dtype], check=True)
+                        "--dtype", args.dtype, "--device", args.device], check=True)
         got_max, got_rms = distance(load_file(folder / "output.safetensors")["output"], expected)
         scale = max(1.0, expected.abs().max().item())
         # f32: the fixtures' tolerance; f16: the f16 parity test's; bf16: no further

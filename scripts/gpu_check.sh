@@ -17,6 +17,10 @@
 #    dtype go to $OUT (default gpu-check/): 5 files for one dtype, as the device
 #    tool brings back at most 8.
 #
+# 3. with PARITY (e.g. PARITY="prior decoder"), those full-size components' forward
+#    passes on the card against diffusers' f32 there (scripts/full_size_parity.py,
+#    `--dtype PARITY_DTYPE`, default f32): the CUDA path's accuracy at the official sizes.
+#
 # DEVICE (default cuda), SIZE (1024), COMPONENTS (all six) and LIMIT (40: seconds a
 # component may take per side, 2.5x that for the pipeline) let it be tried out on a
 # CPU, e.g. DEVICE=cpu SIZE=256 COMPONENTS=vqgan-decode LIMIT=300 (a python3 with torch and
@@ -94,3 +98,8 @@ for name in names:
     print(f"{name:<21} {dt:>5} ours {cell(o)} s  diffusers {cell(r)} s  {ratio}")
 PY
 done
+if [ -n "${PARITY:-}" ]; then
+    # shellcheck disable=SC2086 # PARITY lists components
+    WUERSTCHEN=$W python3 scripts/full_size_parity.py --device "$DEVICE" --dtype "${PARITY_DTYPE:-f32}" \
+        --size "$SIZE" $PARITY || echo "FAILED: full-size parity"
+fi
