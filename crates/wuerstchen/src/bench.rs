@@ -438,7 +438,7 @@ fn dtype_name(dt: DType) -> &'static str {
     }
 }
 
-/// What [`bench`] reports as it goes.
+/// What [`bench()`] reports as it goes.
 #[derive(Debug, Clone, Copy)]
 pub enum BenchEvent {
     /// A step of the pipeline's denoising loops, in a warm-up or a timed call (single

@@ -47,7 +47,7 @@ pub fn add_attention(q: &Tensor, k: &Tensor) -> Result<()> {
 }
 
 /// A linear layer of the kind the model is being built with
-/// ([`linear_kind`](crate::kernels::linear_kind)): candle's, packed (f32 or f16
+/// ([`linear_kind`]): candle's, packed (f32 or f16
 /// weights), or bf16.
 #[derive(Debug, Clone)]
 pub enum Linear {

@@ -8,7 +8,7 @@
 //! vectorised exp, and the product with v (a second gemm) — a few MB per task, in
 //! cache, spread over rayon's threads. The normaliser is applied to the output rows
 //! instead of the scores. On AVX-512 or AVX2 both products run on our register tile instead
-//! of gemm ([`tiled`]). Backward (training) is in closed form from the recomputed
+//! of gemm (`tiled`). Backward (training) is in closed form from the recomputed
 //! probabilities (the score matrix, once).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};

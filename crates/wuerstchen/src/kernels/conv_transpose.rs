@@ -24,7 +24,7 @@ fn splits_into_phases(kh: usize, kw: usize, stride: usize, padding: usize) -> bo
 
 /// `F.conv_transpose2d(x, weight, bias, stride, padding)` with dilation 1, one group
 /// and no output padding; `weight` is (C_in, C_out, k, k). Falls back to candle's op
-/// where the kernel does not [split into phases](splits_into_phases).
+/// where the kernel does not split into phases (`splits_into_phases`).
 pub fn conv_transpose2d(
     x: &Tensor,
     weight: &Tensor,

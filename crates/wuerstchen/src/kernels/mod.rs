@@ -6,7 +6,7 @@
 //! candle ops it replaces (other dtypes, CUDA), keeps the backward pass where the
 //! plain op had one, and has a parity test against that plain op. The hot loops are
 //! compiled several times for the instruction sets a CPU may have and picked at run
-//! time ([`simd_dispatch`]), so the shipped binary needs no `target-cpu=native`.
+//! time (`simd_dispatch`), so the shipped binary needs no `target-cpu=native`.
 
 pub mod attention;
 pub mod bf16_matmul;
@@ -27,7 +27,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, Var};
 
 /// The instruction sets the register-tile kernels (the packed linear layers, the
-/// tiled attention) are compiled for ([`tile`]), best first.
+/// tiled attention) are compiled for (`tile`), best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Avx512,

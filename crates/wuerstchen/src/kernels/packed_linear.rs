@@ -9,17 +9,17 @@
 //! serves both layouts of the activations:
 //!
 //! - tokens (.., k) -> (.., n): `y = x w^T`, the weight's panels are the vectors of the
-//!   product (32 outputs), the rows of x are broadcast ([`ROWS`] at a time, repacked
+//!   product (32 outputs), the rows of x are broadcast (`ROWS` at a time, repacked
 //!   once per call: a small copy next to the products);
 //! - channels-first (B, k, H, W) -> (B, n, H, W): `y = w x` per image, the weight is
 //!   broadcast (8 outputs of a panel at a time) and 48 pixels of x are the vectors.
 //!
-//! Both run the same register tile ([`super::tile`]: AVX-512, or AVX2 + FMA), summing
-//! over the depth in blocks of [`DEPTH`] so the operand a run of tiles shares stays in
-//! L1; the packed operands start on cache lines ([`Aligned`]). A CPU with neither gets
+//! Both run the same register tile (`tile`: AVX-512, or AVX2 + FMA), summing
+//! over the depth in blocks of `DEPTH` so the operand a run of tiles shares stays in
+//! L1; the packed operands start on cache lines (`Aligned`). A CPU with neither gets
 //! candle's layer (the caller builds [`LinearKind::Candle`](super::linear_kind) there).
 //! Layers in bf16 arithmetic run on the same kernels, their operands rounded to bf16:
-//! on AMD's AVX512-BF16 as pairs of bf16 on the pair tile (see [`Panels`]), else on
+//! on AMD's AVX512-BF16 as pairs of bf16 on the pair tile (see `Panels`), else on
 //! the f32 tile. Layers with f16 weights (f16 models on the CPU) keep them as f16 and
 //! widen them on the way to the f32 tile: f32 arithmetic on half the weight memory.
 

@@ -1,7 +1,7 @@
 //! The transpose of the last two dims of a (B, R, S) tensor, written contiguous: the
 //! blocks' moves between NCHW and tokens (an AttnBlock's norm output into tokens, its
 //! result back). candle copies such a transpose element by element on one thread
-//! while the other waits; here tiles of [`TILE`] x [`TILE`] are copied on rayon's
+//! while the other waits; here tiles of `TILE` x `TILE` are copied on rayon's
 //! threads, each reading and writing whole cache lines.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
