@@ -56,6 +56,8 @@ fn repo_from(dir: &Path) -> Repo {
 struct Hub {
     port: u16,
     requests: Arc<Mutex<Vec<String>>>,
+    /// The revision every repository is at.
+    commit: Arc<Mutex<String>>,
 }
 
 impl Hub {
@@ -63,14 +65,25 @@ impl Hub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let seen = requests.clone();
+        let commit = Arc::new(Mutex::new(SHA.to_string()));
+        let (seen, at) = (requests.clone(), commit.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                answer(stream, port, &repos, &seen);
+                let sha = at.lock().unwrap().clone();
+                answer(stream, port, &sha, &repos, &seen);
             }
         });
-        Hub { port, requests }
+        Hub {
+            port,
+            requests,
+            commit,
+        }
+    }
+
+    /// A new revision of every repository, with the same files.
+    fn commit(&self, sha: &str) {
+        *self.commit.lock().unwrap() = sha.to_string();
     }
 
     fn endpoint(&self) -> String {
@@ -92,11 +105,18 @@ impl Hub {
 }
 
 /// One HTTP/1.1 exchange, then the connection is closed.
-fn answer(stream: TcpStream, port: u16, repos: &BTreeMap<String, Repo>, seen: &Mutex<Vec<String>>) {
+fn answer(
+    stream: TcpStream,
+    port: u16,
+    sha: &str,
+    repos: &BTreeMap<String, Repo>,
+    seen: &Mutex<Vec<String>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
-    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+    let target = line.split_whitespace().nth(1).unwrap_or("");
+    let path = target.split('?').next().unwrap_or(target).to_string();
     let mut range = None;
     loop {
         let mut header = String::new();
@@ -117,11 +137,18 @@ fn answer(stream: TcpStream, port: u16, repos: &BTreeMap<String, Repo>, seen: &M
         seen.lock().unwrap().push(format!("list {id}"));
         match found(id) {
             Some(files) => {
+                // with `?blobs=true`, weights carry their LFS id (the etag below)
                 let siblings: Vec<_> = files
-                    .keys()
-                    .map(|f| serde_json::json!({ "rfilename": f }))
+                    .iter()
+                    .map(|(f, bytes)| match f.ends_with(".safetensors") {
+                        true => serde_json::json!({
+                            "rfilename": f,
+                            "lfs": { "sha256": format!("{:016x}", fnv(bytes)), "size": bytes.len() },
+                        }),
+                        false => serde_json::json!({ "rfilename": f }),
+                    })
                     .collect();
-                let info = serde_json::json!({ "id": id, "sha": SHA, "siblings": siblings });
+                let info = serde_json::json!({ "id": id, "sha": sha, "siblings": siblings });
                 ("200 OK", vec![], info.to_string().into_bytes())
             }
             None => (
@@ -139,7 +166,7 @@ fn answer(stream: TcpStream, port: u16, repos: &BTreeMap<String, Repo>, seen: &M
                 let headers = vec![
                     format!("location: http://127.0.0.1:{port}/cdn/{id}/{file}"),
                     format!("x-linked-etag: \"{:016x}\"", fnv(bytes)),
-                    format!("x-repo-commit: {SHA}"),
+                    format!("x-repo-commit: {sha}"),
                 ];
                 ("302 Found", headers, vec![])
             }
@@ -150,7 +177,7 @@ fn answer(stream: TcpStream, port: u16, repos: &BTreeMap<String, Repo>, seen: &M
                 ));
                 let (status, mut headers, body) = ranged(bytes, range.as_deref());
                 headers.push(format!("etag: \"{:016x}\"", fnv(bytes)));
-                headers.push(format!("x-repo-commit: {SHA}"));
+                headers.push(format!("x-repo-commit: {sha}"));
                 (status, headers, body)
             }
             None => ("404 Not Found", vec![], b"Entry not found".to_vec()),
@@ -314,6 +341,29 @@ fn hub_ids_are_downloaded_into_the_cache_and_read_from_it_offline() {
     std::fs::remove_file(&config).unwrap();
     succeeded(&generate(&hub.endpoint(), &cache, prior, decoder, &out));
     assert_eq!(hub.take_downloads(), [format!("{prior}/prior/config.json")]);
+    // a new revision with the same weights (a README edit): the small files are
+    // fetched for it, the weights linked to the blobs already cached
+    let next = "0000000000000000000000000000000000000002";
+    hub.commit(next);
+    succeeded(&generate(&hub.endpoint(), &cache, prior, decoder, &out));
+    let fetched = hub.take_downloads();
+    assert!(!fetched.is_empty());
+    assert!(
+        fetched.iter().all(|f| !f.ends_with(".safetensors")),
+        "{fetched:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("refs/main")).unwrap(),
+        next
+    );
+    let weights = root.join(format!(
+        "snapshots/{next}/prior/diffusion_pytorch_model.safetensors"
+    ));
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        repos[prior]["prior/diffusion_pytorch_model.safetensors"]
+    );
+    assert_eq!(pixels(&out), pixels(&local));
 
     // no hub to reach: the cached snapshot, saying why
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();

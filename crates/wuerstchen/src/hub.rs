@@ -117,13 +117,35 @@ mod download {
     use super::{folders_for, needed_files, repo_dir};
     use crate::error::{Error, Result};
 
+    /// The repository listing with its files' LFS ids (`?blobs=true`).
+    #[derive(serde::Deserialize)]
+    struct Listing {
+        sha: String,
+        siblings: Vec<Sibling>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Sibling {
+        rfilename: String,
+        #[serde(default)]
+        lfs: Option<Lfs>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Lfs {
+        sha256: String,
+    }
+
     /// Brings the files of `repo`'s current revision that a pipeline holding `marker`
     /// reads into `cache` (those already there are not fetched again), with a
     /// progress bar per file when `progress`; returns the snapshot folder.
     ///
     /// It asks the hub for the file list each time, as diffusers does: a snapshot
-    /// cut off half-way looks whole on disk, and the list is what tells. `HF_ENDPOINT`
-    /// names another hub (a mirror), `HF_TOKEN` or the cache's `token` file the token.
+    /// cut off half-way looks whole on disk, and the list is what tells. Weights kept
+    /// in LFS are named in the cache by their sha256, which the list gives, so a new
+    /// revision that leaves them alone (a README edit) links the blobs already there
+    /// instead of fetching gigabytes again. `HF_ENDPOINT` names another hub (a
+    /// mirror), `HF_TOKEN` or the cache's `token` file the token.
     pub fn download(repo: &str, marker: &str, cache: &Path, progress: bool) -> Result<PathBuf> {
         let endpoint =
             std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
@@ -144,10 +166,19 @@ mod download {
             .build()
             .map_err(|e| failed("starting the client".into(), e.to_string()))?;
         let hub_repo = api.model(repo.to_string());
-        let info = hub_repo
-            .info()
-            .map_err(|e| failed("listing its files".into(), explained(&e)))?;
-        let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        let listing: Listing = hub_repo
+            .info_request()
+            .query("blobs", "true")
+            .call()
+            .map_err(|e| explained(status(&e), e.to_string()))
+            .and_then(|r| r.into_string().map_err(|e| e.to_string()))
+            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+            .map_err(|e| failed("listing its files".into(), e))?;
+        let files: Vec<String> = listing
+            .siblings
+            .iter()
+            .map(|s| s.rfilename.clone())
+            .collect();
         let needed = needed_files(&files, &folders_for(marker));
         let config = format!("{marker}/config.json");
         if !needed.contains(&config.as_str()) {
@@ -156,42 +187,89 @@ mod download {
                 format!("it has no {config}: not a Würstchen {marker} pipeline"),
             ));
         }
-        let snapshot = repo_dir(cache, repo).join("snapshots").join(&info.sha);
+        let root = repo_dir(cache, repo);
+        let snapshot = root.join("snapshots").join(&listing.sha);
         for file in needed {
-            if snapshot.join(file).is_file() {
+            let pointer = snapshot.join(file);
+            if pointer.is_file() {
                 continue;
             }
-            let got = hub_repo
-                .download(file)
-                .map_err(|e| failed(format!("downloading {file}"), explained(&e)))?;
+            let lfs = listing.siblings.iter().find(|s| s.rfilename == file);
+            if let Some(lfs) = lfs.and_then(|s| s.lfs.as_ref()) {
+                if link_blob(&root, &lfs.sha256, file, &pointer) {
+                    continue;
+                }
+            }
+            let got = hub_repo.download(file).map_err(|e| {
+                let code = match &e {
+                    ApiError::RequestError(r) => status(r),
+                    _ => None,
+                };
+                failed(
+                    format!("downloading {file}"),
+                    explained(code, e.to_string()),
+                )
+            })?;
             if !got.starts_with(&snapshot) {
                 return Err(failed(
                     format!("downloading {file}"),
                     format!(
                         "the repository moved on from revision {} while downloading; run again",
-                        info.sha
+                        listing.sha
                     ),
                 ));
             }
         }
+        // as huggingface_hub records the revision it fetched (hf-hub does so per
+        // download; a revision whose files were all linked has had none)
+        let refs = root.join("refs");
+        std::fs::create_dir_all(&refs)
+            .and_then(|_| std::fs::write(refs.join("main"), &listing.sha))
+            .map_err(|e| failed("recording the revision".into(), e.to_string()))?;
         Ok(snapshot)
+    }
+
+    /// Points `pointer` (the snapshot's `file`) at the cached blob `sha256`, as the
+    /// cache's other pointers do (a relative link); false where there is no such blob
+    /// or no link could be made (then the file is downloaded).
+    fn link_blob(root: &Path, sha256: &str, file: &str, pointer: &Path) -> bool {
+        if !root.join("blobs").join(sha256).is_file() {
+            return false;
+        }
+        // from the pointer's folder up through the file's folders, <commit>/ and
+        // snapshots/ to the repository's root
+        let up = "../".repeat(file.matches('/').count() + 2);
+        let target = format!("{up}blobs/{sha256}");
+        let Some(folder) = pointer.parent() else {
+            return false;
+        };
+        #[cfg(unix)]
+        let linked = std::fs::create_dir_all(folder)
+            .and_then(|_| std::os::unix::fs::symlink(&target, pointer))
+            .is_ok();
+        #[cfg(not(unix))]
+        let linked = {
+            let _ = (folder, target);
+            false
+        };
+        linked && pointer.is_file()
+    }
+
+    fn status(e: &ureq::Error) -> Option<u16> {
+        match e {
+            ureq::Error::Status(code, _) => Some(*code),
+            _ => None,
+        }
     }
 
     /// The client's error, with what a user can do about the statuses that say more
     /// than their number.
-    fn explained(e: &ApiError) -> String {
-        let status = match e {
-            ApiError::RequestError(r) => match r.as_ref() {
-                ureq::Error::Status(code, _) => Some(*code),
-                _ => None,
-            },
-            _ => None,
-        };
+    fn explained(status: Option<u16>, message: String) -> String {
         match status {
-            Some(401 | 403 | 404) => {
-                format!("{e} (no such repository or file, or a private or gated one: set HF_TOKEN)")
-            }
-            _ => e.to_string(),
+            Some(401 | 403 | 404) => format!(
+                "{message} (no such repository or file, or a private or gated one: set HF_TOKEN)"
+            ),
+            _ => message,
         }
     }
 }
