@@ -194,8 +194,8 @@ mod download {
             if pointer.is_file() {
                 continue;
             }
-            let lfs = listing.siblings.iter().find(|s| s.rfilename == file);
-            if let Some(lfs) = lfs.and_then(|s| s.lfs.as_ref()) {
+            let sibling = listing.siblings.iter().find(|s| s.rfilename == file);
+            if let Some(lfs) = sibling.and_then(|s| s.lfs.as_ref()) {
                 if link_blob(&root, &lfs.sha256, file, &pointer) {
                     continue;
                 }
