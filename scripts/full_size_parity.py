@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Full-size parity: the official architectures with random weights, one forward pass
-each in diffusers / transformers (f32, CPU) and in `wuerstchen forward`, compared.
+each in diffusers / transformers (f32, the reference) and in `wuerstchen forward` (in
+the dtype and on the device asked for), compared.
 
 The tests' fixtures are tiny models; this checks the sizes users run (the official
 configs, 1024 x 1024 shapes: a 24 x 24 prior latent in a guidance batch, the decoder's
