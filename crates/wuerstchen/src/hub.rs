@@ -154,15 +154,15 @@ mod download {
             endpoint: endpoint.clone(),
             message: format!("{doing}: {cause}"),
         };
-        let token = std::env::var("HF_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())
-            .or_else(|| hf_hub::Cache::new(cache.to_path_buf()).token());
-        let api = ApiBuilder::from_cache(hf_hub::Cache::new(cache.to_path_buf()))
+        // the builder reads the cache's token file; HF_TOKEN, when set, comes first
+        let mut builder = ApiBuilder::from_cache(hf_hub::Cache::new(cache.to_path_buf()))
             .with_endpoint(endpoint.clone())
-            .with_token(token)
             .with_progress(progress)
-            .with_retries(2)
+            .with_retries(2);
+        if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+            builder = builder.with_token(Some(token));
+        }
+        let api = builder
             .build()
             .map_err(|e| failed("starting the client".into(), e.to_string()))?;
         let hub_repo = api.model(repo.to_string());
