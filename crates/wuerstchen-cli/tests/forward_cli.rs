@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
-use common::{bin, fixtures, scratch};
+use common::{assert_succeeded, bin, fixtures, scratch};
 
 fn forward(component: &str, model: &Path, inputs: &Path, output: &Path) -> Output {
     bin()
@@ -86,17 +86,9 @@ fn dtype_builds_the_component_as_generate_does() {
     let load =
         |p: &Path| candle_core::safetensors::load(p, &Device::Cpu).unwrap()["output"].clone();
     let (res, f32_out) = run("f32");
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    assert_succeeded(&res);
     let (res, bf16_out) = run("bf16");
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    assert_succeeded(&res);
     let (f32_out, bf16_out) = (load(&f32_out), load(&bf16_out));
     assert_eq!(bf16_out.dtype(), DType::F32);
     // bf16 ran (its rounding moves the output) and stayed within bf16's tolerance

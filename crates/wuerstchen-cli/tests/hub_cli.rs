@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
 
-use common::{bin, fixtures, scratch};
+use common::{assert_succeeded, bin, fixtures, scratch};
 use wuerstchen::image_io::read_png;
 
 const SHA: &str = "5f1e0c0ffee5f1e0c0ffee5f1e0c0ffee5f1e0c0";
@@ -266,14 +266,6 @@ fn pixels(png: &Path) -> Vec<u8> {
     read_png(png).unwrap().image.data
 }
 
-fn succeeded(res: &Output) {
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-}
-
 #[test]
 fn hub_ids_are_downloaded_into_the_cache_and_read_from_it_offline() {
     let dir = scratch("hub");
@@ -298,10 +290,10 @@ fn hub_ids_are_downloaded_into_the_cache_and_read_from_it_offline() {
         &pipeline.join("decoder").display().to_string(),
         &local,
     );
-    succeeded(&res);
+    assert_succeeded(&res);
     assert!(hub.take_downloads().is_empty());
     let out = dir.join("hub.png");
-    succeeded(&generate(&hub.endpoint(), &cache, prior, decoder, &out));
+    assert_succeeded(&generate(&hub.endpoint(), &cache, prior, decoder, &out));
     assert_eq!(pixels(&out), pixels(&local));
     let text = wuerstchen::image_io::read_parameters(&out)
         .unwrap()
@@ -335,17 +327,17 @@ fn hub_ids_are_downloaded_into_the_cache_and_read_from_it_offline() {
     );
 
     // again: the file list is asked for, no file fetched again
-    succeeded(&generate(&hub.endpoint(), &cache, prior, decoder, &out));
+    assert_succeeded(&generate(&hub.endpoint(), &cache, prior, decoder, &out));
     assert!(hub.take_downloads().is_empty());
     // a snapshot cut off half-way: only the missing file is fetched
     std::fs::remove_file(&config).unwrap();
-    succeeded(&generate(&hub.endpoint(), &cache, prior, decoder, &out));
+    assert_succeeded(&generate(&hub.endpoint(), &cache, prior, decoder, &out));
     assert_eq!(hub.take_downloads(), [format!("{prior}/prior/config.json")]);
     // a new revision with the same weights (a README edit): the small files are
     // fetched for it, the weights linked to the blobs already cached
     let next = "0000000000000000000000000000000000000002";
     hub.commit(next);
-    succeeded(&generate(&hub.endpoint(), &cache, prior, decoder, &out));
+    assert_succeeded(&generate(&hub.endpoint(), &cache, prior, decoder, &out));
     let fetched = hub.take_downloads();
     assert!(!fetched.is_empty());
     assert!(
@@ -370,7 +362,7 @@ fn hub_ids_are_downloaded_into_the_cache_and_read_from_it_offline() {
     let nowhere = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let res = generate(&nowhere, &cache, prior, decoder, &out);
-    succeeded(&res);
+    assert_succeeded(&res);
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(stderr.contains("using the cached snapshot"), "{stderr}");
     assert_eq!(pixels(&out), pixels(&local));

@@ -46,9 +46,8 @@ pub fn add_attention(q: &Tensor, k: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// A linear layer of the kind the model is being built with
-/// ([`linear_kind`]): candle's, packed (f32 or f16
-/// weights), or bf16.
+/// A linear layer of the kind the model is being built with ([`linear_kind`]):
+/// candle's, packed (f32 or f16 weights), or bf16.
 #[derive(Debug, Clone)]
 pub enum Linear {
     F32(candle_nn::Linear),

@@ -39,12 +39,17 @@ pub fn bin() -> Command {
 /// Runs `cmd`, which must succeed (its stderr is the failure message); its stdout.
 pub fn stdout_of(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
+    assert_succeeded(&out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A run that must have succeeded; its stderr is the failure message.
+pub fn assert_succeeded(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Starts `wuerstchen serve --port 0` on the fixture pipelines (plus `extra` flags);
